@@ -1,0 +1,10 @@
+"""Built-in attention plugins, installed as ``ropelm.plugins``.
+
+Each module registers its variants through the public hook
+``ropelm_register_attention``, exactly as a third-party plugin would.
+"""
+
+BUILTIN_MODULES: tuple[str, ...] = (
+    "ropelm.plugins.rope_sm",
+    "ropelm.plugins.rope_sm_complex",
+)

@@ -1,0 +1,81 @@
+"""RoPE-SM-complex: RoPE computed by complex multiplication, with softmax attention.
+
+RoFormer, Su et al., 2021, section 3.4.2 (https://arxiv.org/abs/2104.09864); the
+complex form is the one popularised by the LLaMA reference code.
+
+Each consecutive feature pair (x_{2i}, x_{2i+1}) is read as the complex number
+x_{2i} + i x_{2i+1} and multiplied by e^{i m theta_i}. This is the same rotation
+as ``RoPE-SM`` (same pairing, same angles); it exists to cross-check the real
+form, and the two are tested to agree to 1e-5 (float32) and 1e-10 (float64).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from ropelm.plugins.rope_sm import check_even_head_size
+
+import ropelm
+from ropelm.attention import SelfAttention
+from ropelm.model import ModelConfig
+from ropelm.rope import rope_angles
+
+
+class ComplexRotation:
+    """Unit complex numbers e^{i m theta_i} per (device, dtype), grown on demand."""
+
+    def __init__(self, head_dim: int, base: float) -> None:
+        self.head_dim = head_dim
+        self.base = base
+        self._tables: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}
+
+    def get(self, start: int, end: int, device: torch.device, x_dtype: torch.dtype) -> torch.Tensor:
+        dtype = torch.complex128 if x_dtype == torch.float64 else torch.complex64
+        table = self._tables.get((device, dtype))
+        if table is None or table.size(0) < end:
+            length = max(end, 2 * table.size(0) if table is not None else end)
+            angles = rope_angles(length, self.head_dim, self.base, device=device)  # float64
+            table = torch.polar(torch.ones_like(angles), angles).to(dtype)  # (T, hs/2)
+            self._tables[(device, dtype)] = table
+        return table[start:end]
+
+
+def apply_rotary_emb_complex(x: torch.Tensor, rotation: torch.Tensor) -> torch.Tensor:
+    """Rotate x (B, nh, T, hs) by multiplying its pairs with ``rotation`` (T, hs/2)."""
+    real_dtype = torch.float64 if rotation.dtype == torch.complex128 else torch.float32
+    pairs = x.to(real_dtype).unflatten(-1, (-1, 2)).contiguous()  # (B, nh, T, hs/2, 2)
+    rotated = torch.view_as_complex(pairs) * rotation  # (B, nh, T, hs/2) complex
+    return torch.view_as_real(rotated).flatten(-2).to(x.dtype)  # (B, nh, T, hs)
+
+
+class ComplexRoPEAttention(SelfAttention):
+    """Causal softmax attention with RoPE applied as a complex multiplication."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__(config)
+        self.rotation = ComplexRotation(self.head_size, base=config.rope_theta)
+
+    def position_qk(
+        self, q: torch.Tensor, k: torch.Tensor, start: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        rotation = self.rotation.get(start, start + q.size(2), q.device, q.dtype)
+        return apply_rotary_emb_complex(q, rotation), apply_rotary_emb_complex(k, rotation)
+
+
+def build(config: ModelConfig, options: Any) -> ComplexRoPEAttention:
+    check_even_head_size(config, "RoPE-SM-complex")
+    return ComplexRoPEAttention(config)
+
+
+@ropelm.hookimpl
+def ropelm_register_attention(register):
+    register(
+        ropelm.AttentionSpec(
+            name="RoPE-SM-complex",
+            description="RoPE by complex multiplication + causal softmax; cross-checks RoPE-SM.",
+            reference="https://arxiv.org/abs/2104.09864",
+            factory=build,
+            capabilities=ropelm.Capabilities(causal=True, kv_cache=True, extrapolates=True),
+        )
+    )

@@ -1,0 +1,239 @@
+"""The attention plugin contract and a reusable multi-head attention skeleton.
+
+A plugin registers an :class:`AttentionSpec`; the model calls ``spec.factory``
+once per layer to build a module that maps ``(B, T, C) -> (B, T, C)``. Modules
+that declare ``Capabilities(kv_cache=True)`` also implement
+``init_cache(batch_size, max_len, device, dtype)`` and accept the returned cache
+as ``forward(x, cache=cache)`` for incremental decoding.
+
+Most variants only change how queries and keys carry position, or how scores
+are turned into weights: subclass :class:`SelfAttention` and override
+:meth:`SelfAttention.position_qk` or :meth:`SelfAttention.attend`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Mapping
+from typing import TYPE_CHECKING, Any
+
+import pydantic
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ropelm.errors import ConfigError, did_you_mean
+
+if TYPE_CHECKING:
+    from ropelm.model import ModelConfig
+
+
+@dataclasses.dataclass(frozen=True)
+class Capabilities:
+    """What an attention variant can do, so callers can skip what cannot work.
+
+    Attributes:
+        causal: position t never attends to positions after t (language modelling).
+        kv_cache: the module implements ``init_cache`` and incremental decoding.
+        extrapolates: designed to run on sequences longer than ``block_size``.
+        input_position_embedding: the variant adds a position embedding at the
+            model input (``AttentionSpec.position_embedding``).
+    """
+
+    causal: bool = True
+    kv_cache: bool = True
+    extrapolates: bool = False
+    input_position_embedding: bool = False
+
+    def as_dict(self) -> dict[str, bool]:
+        return dataclasses.asdict(self)
+
+    def labels(self) -> list[str]:
+        """Names of the capabilities that are switched on, for tables."""
+        return [name for name, on in self.as_dict().items() if on]
+
+
+# (config, options) -> nn.Module mapping (B, T, C) -> (B, T, C)
+AttentionFactory = Callable[["ModelConfig", Any], nn.Module]
+# (config, options) -> nn.Module mapping positions (T,) -> (T, C)
+PositionEmbeddingFactory = Callable[["ModelConfig", Any], nn.Module]
+
+
+@dataclasses.dataclass(frozen=True)
+class AttentionSpec:
+    """One registered attention variant.
+
+    Attributes:
+        name: the registry name, i.e. the value of ``model.att_type``.
+        description: one line for ``ropelm-exp plugins``.
+        reference: URL of the paper (or code) the variant implements.
+        factory: ``factory(config, options)`` builds the attention module of one layer.
+        options: a dataclass type holding the variant's own options; users set them
+            under ``model.att_options`` and they are validated against this type.
+        capabilities: what the variant supports (see :class:`Capabilities`).
+        position_embedding: optional ``factory(config, options)`` for a module that
+            maps positions ``(T,)`` to embeddings ``(T, C)`` added to the token
+            embeddings (absolute-position variants).
+    """
+
+    name: str
+    description: str
+    reference: str
+    factory: AttentionFactory
+    options: type | None = None
+    capabilities: Capabilities = Capabilities()
+    position_embedding: PositionEmbeddingFactory | None = None
+
+    def __post_init__(self) -> None:
+        problems = []
+        if (
+            not isinstance(self.name, str)
+            or not self.name.strip()
+            or self.name != self.name.strip()
+        ):
+            problems.append("name must be a non-empty string without surrounding spaces")
+        if not isinstance(self.description, str):
+            problems.append("description must be a string")
+        if not isinstance(self.reference, str):
+            problems.append("reference must be a string (a URL)")
+        if not callable(self.factory):
+            problems.append("factory must be callable as factory(config, options)")
+        if self.options is not None and not (
+            isinstance(self.options, type) and dataclasses.is_dataclass(self.options)
+        ):
+            problems.append("options must be a dataclass type or None")
+        if not isinstance(self.capabilities, Capabilities):
+            problems.append("capabilities must be a ropelm.Capabilities")
+        elif self.capabilities.input_position_embedding != (self.position_embedding is not None):
+            problems.append(
+                "capabilities.input_position_embedding must be True exactly when "
+                "position_embedding is given"
+            )
+        if self.position_embedding is not None and not callable(self.position_embedding):
+            problems.append("position_embedding must be callable or None")
+        if problems:
+            raise ValueError("; ".join(problems))
+
+    def parse_options(self, raw: Mapping[str, Any] | None) -> Any:
+        """Validate ``model.att_options`` for this variant and return the options object.
+
+        Raises:
+            ConfigError: an unknown option (with the closest valid name) or a bad value.
+        """
+        raw = dict(raw or {})
+        if self.options is None:
+            if raw:
+                raise ConfigError(
+                    f"model.att_options: attention '{self.name}' takes no options, "
+                    f"but got {sorted(raw)}; remove them."
+                )
+            return None
+        valid = [f.name for f in dataclasses.fields(self.options)]
+        for key in raw:
+            if key not in valid:
+                raise ConfigError(
+                    f"model.att_options.{key}: unknown option for attention '{self.name}'"
+                    f"{did_you_mean(key, valid)}; valid options are {valid}."
+                )
+        try:
+            return pydantic.TypeAdapter(self.options).validate_python(raw)
+        except pydantic.ValidationError as err:
+            first = err.errors()[0]
+            where = ".".join(str(p) for p in first["loc"])
+            raise ConfigError(
+                f"model.att_options.{where}: {first['msg']} "
+                f"(attention '{self.name}', got {first.get('input')!r})."
+            ) from None
+
+
+class KVCache:
+    """Keys and values of one attention layer, preallocated for ``max_len`` positions."""
+
+    def __init__(
+        self,
+        batch_size: int,
+        n_head: int,
+        max_len: int,
+        head_size: int,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype = torch.float32,
+    ) -> None:
+        shape = (batch_size, n_head, max_len, head_size)
+        self.k = torch.zeros(shape, device=device, dtype=dtype)  # (B, nh, max_len, hs)
+        self.v = torch.zeros(shape, device=device, dtype=dtype)
+        self.length = 0  # positions filled so far; also the position of the next token
+
+    @property
+    def max_len(self) -> int:
+        return self.k.size(2)
+
+    def append(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store ``k, v`` of shape (B, nh, T, hs); return all keys and values so far."""
+        end = self.length + k.size(2)
+        if end > self.max_len:
+            raise ValueError(f"KV cache holds {self.max_len} positions; cannot grow to {end}.")
+        self.k[:, :, self.length : end] = k
+        self.v[:, :, self.length : end] = v
+        self.length = end
+        return self.k[:, :, :end], self.v[:, :, :end]
+
+
+def causal_mask(t_query: int, start: int, device: torch.device) -> torch.Tensor:
+    """Boolean mask (T, start + T): query i (at position start + i) sees keys 0..start + i."""
+    query_pos = torch.arange(start, start + t_query, device=device)[:, None]
+    key_pos = torch.arange(start + t_query, device=device)[None, :]
+    return key_pos <= query_pos
+
+
+class SelfAttention(nn.Module):
+    """Causal multi-head self-attention: fused QKV projection, SDPA, output projection.
+
+    Subclasses give it a position scheme by overriding :meth:`position_qk`, or a
+    different score-to-weight rule by overriding :meth:`attend`. The base class
+    itself has no position information (NoPE).
+    """
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.n_head = config.n_head
+        self.head_size = config.n_embd // config.n_head
+        self.dropout = config.dropout
+        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)
+        self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
+        self.resid_dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
+        B, T, C = x.shape
+        q, k, v = self.c_attn(x).split(C, dim=2)
+        q = q.view(B, T, self.n_head, self.head_size).transpose(1, 2)  # (B, nh, T, hs)
+        k = k.view(B, T, self.n_head, self.head_size).transpose(1, 2)  # (B, nh, T, hs)
+        v = v.view(B, T, self.n_head, self.head_size).transpose(1, 2)  # (B, nh, T, hs)
+        start = cache.length if cache is not None else 0
+        q, k = self.position_qk(q, k, start)
+        if cache is not None:
+            k, v = cache.append(k, v)  # (B, nh, start + T, hs)
+        y = self.attend(q, k, v, start)  # (B, nh, T, hs)
+        y = y.transpose(1, 2).contiguous().view(B, T, C)
+        return self.resid_dropout(self.c_proj(y))
+
+    def position_qk(
+        self, q: torch.Tensor, k: torch.Tensor, start: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Give queries and keys (B, nh, T, hs) at positions start..start+T-1 their position."""
+        return q, k
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start: int) -> torch.Tensor:
+        """Causal softmax attention of q (B, nh, T, hs) over k, v (B, nh, start + T, hs)."""
+        dropout_p = self.dropout if self.training else 0.0
+        t_query = q.size(2)
+        if start == 0:
+            return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True)
+        if t_query == 1:  # one new token sees every cached key
+            return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p)
+        mask = causal_mask(t_query, start, q.device)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)
+
+    def init_cache(
+        self, batch_size: int, max_len: int, device: torch.device, dtype: torch.dtype
+    ) -> KVCache:
+        return KVCache(batch_size, self.n_head, max_len, self.head_size, device, dtype)

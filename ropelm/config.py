@@ -1,0 +1,220 @@
+"""The experiment schema: YAML -> validated, typed configuration.
+
+An experiment YAML has the sections ``model``, ``tokenizer``, ``data``,
+``train``, ``eval`` and ``plugins``. Everything is validated here, once: an
+unknown key is an error naming its dotted path and the closest valid key, a
+wrong type names the path and the expected type, and the attention variant's
+own options are validated by the variant. Code past this point trusts the
+typed values.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any, Literal
+
+import pydantic
+import torch
+import yaml
+from pydantic import ConfigDict, Field, NonNegativeInt, PositiveFloat, PositiveInt
+
+from ropelm.errors import ConfigError, format_validation_error
+from ropelm.model import ModelConfig
+from ropelm.registry import Registry
+
+DEFAULT_HUB_DATASET = "lucadiliello/english_wikipedia"
+
+
+class _Section(pydantic.BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class TokenizerConfig(_Section):
+    """Byte-level BPE training. The vocabulary size is ``model.vocab_size``."""
+
+    min_frequency: PositiveInt = 2
+    max_documents: PositiveInt | None = None  # cap on training documents
+    max_characters: PositiveInt | None = None  # cap on training characters
+    batch_size: PositiveInt = 1000  # documents per batch fed to the trainer
+
+
+class DataConfig(_Section):
+    """Where the corpus comes from, how it is split, where token files are cached."""
+
+    source: Literal["wiki-sample", "hub", "files"] = "wiki-sample"
+    name: str = DEFAULT_HUB_DATASET  # hub: dataset name
+    config_name: str | None = None  # hub: dataset configuration
+    split: str = "train"  # hub: split to stream
+    paths: list[str] = Field(default_factory=list)  # files: paths or globs
+    text_column: str | None = None  # detected when not given
+    val_fraction: float = Field(0.1, gt=0.0, lt=1.0)
+    split_seed: int = 0
+    max_documents: PositiveInt | None = None
+    cache_dir: str = "data_cache"
+    num_proc: PositiveInt = 1
+
+    @pydantic.model_validator(mode="after")
+    def _paths_for_files(self) -> DataConfig:
+        if self.source == "files" and not self.paths:
+            raise ValueError("source 'files' needs data.paths (files or globs)")
+        return self
+
+
+class TrainConfig(_Section):
+    """Optimisation and training-loop settings (the seed's names and defaults)."""
+
+    num_epochs: PositiveInt = 3
+    max_steps: PositiveInt | None = None  # overrides num_epochs when set
+    batch_size: PositiveInt = 8
+    grad_accum_steps: PositiveInt = 1
+    learning_rate: PositiveFloat = 3e-4
+    min_lr_ratio: float = Field(0.1, ge=0.0, le=1.0)  # cosine floor, as a fraction of the peak
+    warmup_steps: NonNegativeInt = 0
+    weight_decay: float = Field(0.1, ge=0.0)
+    betas: tuple[float, float] = (0.9, 0.95)
+    max_grad_norm: float = Field(1.0, ge=0.0)  # 0 disables clipping
+    tokens_per_epoch: PositiveInt | None = None  # default: the size of the training split
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    compile: bool = False
+    device: str = "auto"
+    seed: int = 0
+    eval_every: PositiveInt | None = None  # steps; evaluation also runs after each epoch
+    log_every: PositiveInt = 10
+    save_every: PositiveInt | None = None  # steps between "last" checkpoints
+
+    @pydantic.field_validator("betas")
+    @classmethod
+    def _betas_in_range(cls, betas: tuple[float, float]) -> tuple[float, float]:
+        if not all(0.0 <= b < 1.0 for b in betas):
+            raise ValueError("both betas must be in [0, 1)")
+        return betas
+
+
+class EvalConfig(_Section):
+    """Validation and length-extrapolation evaluation."""
+
+    batch_size: PositiveInt | None = None  # default: train.batch_size
+    max_batches: PositiveInt | None = None  # cap on validation windows per evaluation
+    lengths: list[str] = Field(default_factory=lambda: ["1x"])  # e.g. 1x,2x or 2048
+
+
+class ExperimentConfig(_Section):
+    """A whole experiment, as read from YAML."""
+
+    name: str = "experiment"
+    plugins: list[str] = Field(default_factory=list)
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    tokenizer: TokenizerConfig = Field(default_factory=TokenizerConfig)
+    data: DataConfig = Field(default_factory=DataConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
+
+    def registry(self) -> Registry:
+        """The registry for this experiment: built-ins, entry points and ``plugins``."""
+        return Registry.default(self.plugins)
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """``"train.batch_size=16"`` -> (["train", "batch_size"], 16); the value is YAML."""
+    key, sep, value = text.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(
+            f"--set '{text}': write overrides as key.path=value, e.g. train.batch_size=16."
+        )
+    try:
+        parsed = yaml.safe_load(value) if value.strip() else None
+    except yaml.YAMLError:
+        parsed = value
+    return key.strip().split("."), parsed
+
+
+def apply_overrides(raw: Mapping[str, Any], overrides: Iterable[str]) -> dict[str, Any]:
+    """Return a copy of ``raw`` with each ``a.b=c`` override applied (validated later)."""
+    result = copy.deepcopy(dict(raw))
+    for text in overrides:
+        path, value = parse_override(text)
+        node = result
+        for part in path[:-1]:
+            child = node.get(part)
+            if child is None:
+                child = node[part] = {}
+            if not isinstance(child, dict):
+                raise ConfigError(f"--set '{text}': '{part}' is not a section.")
+            node = child
+        node[path[-1]] = value
+    return result
+
+
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    """Read an experiment YAML safely; a syntax error names the line."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(f"Experiment file {path} does not exist; check the path.") from None
+    except (OSError, UnicodeDecodeError) as err:
+        raise ConfigError(f"Experiment file {path} cannot be read ({err}).") from None
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(err, "problem", None) or "invalid YAML"
+        raise ConfigError(f"{path}{where}: {problem}; fix the YAML syntax there.") from None
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict):
+        raise ConfigError(
+            f"{path}: the top level must be a mapping of sections (model:, train:, ...)."
+        )
+    return raw
+
+
+def validate(raw: Mapping[str, Any], *, base_dir: Path | None = None) -> ExperimentConfig:
+    """Validate a raw mapping into an :class:`ExperimentConfig`.
+
+    ``plugins`` entries that are ``.py`` paths are resolved against ``base_dir``
+    (the YAML's folder). The attention type and its options are checked against
+    the registry built from the experiment's plugins.
+    """
+    raw = dict(raw)
+    if base_dir is not None and isinstance(raw.get("plugins"), list):
+        raw["plugins"] = [_resolve_plugin_path(p, base_dir) for p in raw["plugins"]]
+    try:
+        config = ExperimentConfig.model_validate(raw)
+    except pydantic.ValidationError as err:
+        raise ConfigError(format_validation_error(err, ExperimentConfig)) from None
+    check_model(config.model, config.registry())
+    return config
+
+
+def check_model(model: ModelConfig, registry: Registry) -> None:
+    """Check ``att_type``, its options, and that the variant accepts the model shape.
+
+    One attention layer is built on the meta device, so the variant's own checks
+    (an even head size for RoPE, ...) run without allocating any memory.
+    """
+    spec = registry.get(model.att_type)
+    options = spec.parse_options(model.att_options)
+    with torch.device("meta"):
+        spec.factory(model, options)
+
+
+def load_experiment(path: str | Path, overrides: Iterable[str] = ()) -> ExperimentConfig:
+    """Read, override and validate an experiment YAML."""
+    path = Path(path)
+    raw = apply_overrides(read_yaml(path), overrides)
+    return validate(raw, base_dir=path.parent)
+
+
+def _resolve_plugin_path(ref: Any, base_dir: Path) -> Any:
+    if isinstance(ref, str) and ref.endswith(".py") and not Path(ref).is_absolute():
+        return str((base_dir / ref).resolve())
+    return ref
+
+
+def to_yaml(config: ExperimentConfig) -> str:
+    """The resolved configuration as YAML (saved in every run directory)."""
+    return yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False)

@@ -1,0 +1,192 @@
+"""The transformer language model: embeddings, pre-LayerNorm blocks, final norm, LM head.
+
+The attention layer of every block comes from the registry by
+``config.att_type``; everything else is shared by all variants, so a
+comparison between variants changes one thing only.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import pydantic
+import torch
+import torch.nn.functional as F
+from pydantic import ConfigDict, Field, PositiveInt
+from torch import nn
+
+from ropelm.attention import AttentionSpec
+from ropelm.errors import ConfigError, format_validation_error
+from ropelm.registry import Registry
+
+
+class ModelConfig(pydantic.BaseModel):
+    """Model hyperparameters, validated on construction (the seed's names and defaults).
+
+    ``att_options`` holds the options of the chosen attention variant; they are
+    validated by that variant's own options type, never added here as keywords.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    block_size: PositiveInt = 1024
+    vocab_size: PositiveInt = 32768
+    n_layer: PositiveInt = 12
+    n_head: PositiveInt = 12
+    n_embd: PositiveInt = 768
+    dropout: float = Field(0.1, ge=0.0, lt=1.0)
+    bias: bool = True
+    att_type: str = "RoPE-SM"
+    pad_token_id: int | None = Field(None, ge=0)
+    rope_theta: float = Field(10000.0, gt=0.0)
+    att_options: dict[str, Any] = Field(default_factory=dict)
+
+    def __init__(self, **data: Any) -> None:
+        try:
+            super().__init__(**data)
+        except pydantic.ValidationError as err:
+            raise ConfigError(format_validation_error(err, ModelConfig, prefix="model")) from None
+
+    @pydantic.model_validator(mode="after")
+    def _check_shapes(self) -> ModelConfig:
+        if self.n_embd % self.n_head:
+            raise ValueError(
+                f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head}); "
+                "change one of them"
+            )
+        if self.pad_token_id is not None and self.pad_token_id >= self.vocab_size:
+            raise ValueError(
+                f"pad_token_id ({self.pad_token_id}) must be below vocab_size ({self.vocab_size})"
+            )
+        return self
+
+    @property
+    def head_size(self) -> int:
+        return self.n_embd // self.n_head
+
+
+class MLP(nn.Module):
+    """Position-wise feed-forward network: C -> 4C -> GELU -> C."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
+        self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.dropout(self.c_proj(F.gelu(self.c_fc(x))))
+
+
+class Block(nn.Module):
+    """Pre-LayerNorm transformer block: x + attn(ln(x)), then x + mlp(ln(x))."""
+
+    def __init__(self, config: ModelConfig, attn: nn.Module) -> None:
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(config.n_embd, bias=config.bias)
+        self.attn = attn
+        self.ln_2 = nn.LayerNorm(config.n_embd, bias=config.bias)
+        self.mlp = MLP(config)
+
+    def forward(self, x: torch.Tensor, cache: Any = None) -> torch.Tensor:
+        h = self.ln_1(x)
+        x = x + (self.attn(h) if cache is None else self.attn(h, cache=cache))
+        return x + self.mlp(self.ln_2(x))
+
+
+@dataclass
+class DecodeState:
+    """Per-layer caches and the position of the next token, for incremental decoding."""
+
+    caches: list[Any] = field(default_factory=list)
+    position: int = 0
+
+
+class TransformerLM(nn.Module):
+    """Decoder-only language model whose attention comes from the plugin registry."""
+
+    def __init__(self, config: ModelConfig, registry: Registry | None = None) -> None:
+        super().__init__()
+        registry = registry if registry is not None else Registry.default()
+        spec: AttentionSpec = registry.get(config.att_type)
+        options = spec.parse_options(config.att_options)
+        self.config = config
+        self.spec = spec
+        self.tok_emb = nn.Embedding(config.vocab_size, config.n_embd)
+        self.pos_emb = spec.position_embedding(config, options) if spec.position_embedding else None
+        self.drop = nn.Dropout(config.dropout)
+        self.blocks = nn.ModuleList(
+            Block(config, spec.factory(config, options)) for _ in range(config.n_layer)
+        )
+        self.ln_f = nn.LayerNorm(config.n_embd, bias=config.bias)
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=config.bias)
+        self.apply(self._init_weights)
+        # GPT-2 scaling: residual projections shrink with depth so the stream stays O(1).
+        for name, param in self.named_parameters():
+            if name.endswith("c_proj.weight"):
+                nn.init.normal_(param, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
+
+    @staticmethod
+    def _init_weights(module: nn.Module) -> None:
+        if isinstance(module, nn.Linear):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+
+    def num_parameters(self, trainable_only: bool = False) -> int:
+        return sum(p.numel() for p in self.parameters() if p.requires_grad or not trainable_only)
+
+    def forward(
+        self,
+        idx: torch.Tensor,
+        targets: torch.Tensor | None = None,
+        *,
+        state: DecodeState | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Logits (B, T, V) for token ids ``idx`` (B, T), and the loss if ``targets`` is given.
+
+        The loss is the mean cross-entropy over target tokens other than
+        ``pad_token_id``. With ``state`` (from :meth:`init_decode_state`), ``idx``
+        continues the sequence held in the caches and ``state.position`` advances.
+        """
+        _, T = idx.shape
+        start = state.position if state is not None else 0
+        x = self.tok_emb(idx)  # (B, T, C)
+        if self.pos_emb is not None:
+            positions = torch.arange(start, start + T, device=idx.device)
+            x = x + self.pos_emb(positions)  # (T, C) broadcast over B
+        x = self.drop(x)
+        for i, block in enumerate(self.blocks):
+            x = block(x, state.caches[i] if state is not None else None)
+        logits = self.lm_head(self.ln_f(x))  # (B, T, V)
+        if state is not None:
+            state.position += T
+        loss = None
+        if targets is not None:
+            ignore = self.config.pad_token_id if self.config.pad_token_id is not None else -100
+            loss = F.cross_entropy(
+                logits.flatten(0, 1).float(), targets.flatten(), ignore_index=ignore
+            )
+        return logits, loss
+
+    def init_decode_state(
+        self,
+        batch_size: int,
+        max_len: int,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> DecodeState:
+        """Empty caches for decoding up to ``max_len`` positions (variants with a KV cache)."""
+        if not self.spec.capabilities.kv_cache:
+            raise ValueError(f"Attention '{self.spec.name}' declares no KV cache.")
+        param = next(self.parameters())
+        device = torch.device(device) if device is not None else param.device
+        dtype = dtype or param.dtype
+        caches = [
+            block.attn.init_cache(batch_size, max_len, device, dtype) for block in self.blocks
+        ]
+        return DecodeState(caches=caches)
