@@ -32,7 +32,7 @@ def rope_angles(
     position_scale: float = 1.0,
     device: torch.device | str | None = None,
 ) -> torch.Tensor:
-    """Angles m * theta_i in float64, shape (seq_len, head_dim // 2), for m = start..start+seq_len-1.
+    """Angles m * theta_i in float64, shape (seq_len, head_dim // 2), m = start, start + 1, ...
 
     ``position_scale`` multiplies the positions (< 1 is linear position interpolation).
     """
