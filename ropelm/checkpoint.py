@@ -1,0 +1,287 @@
+"""Checkpoints: safetensors weights, config, tokenizer and trainer state, written atomically.
+
+Layout inside a run directory::
+
+    checkpoints/
+      step-00000200/           one complete checkpoint
+        model.safetensors      weights (never pickled)
+        model_config.json      ModelConfig + plugin modules needed to rebuild the model
+        tokenizer.json         the tokenizer the model was trained with
+        trainer.pt             optimizer, scaler, RNG states, data position (weights_only)
+        checkpoint.json        step, validation loss, sha256 of every file; written last
+      last.json                pointer: {"dir": "step-00000200", ...}
+      best.json                pointer to the lowest validation loss so far
+
+A checkpoint directory is assembled under a temporary name and renamed into
+place; the pointers are replaced atomically afterwards; unreferenced
+directories are removed last. A crash at any moment leaves the previous
+pointers and the directories they name intact.
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import json
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from ropelm.atomic import atomic_write_json, fsync_dir
+from ropelm.errors import CheckpointError, RopelmError
+from ropelm.model import ModelConfig, TransformerLM
+from ropelm.registry import Registry
+
+FORMAT_VERSION = 1
+WEIGHTS = "model.safetensors"
+MODEL_CONFIG = "model_config.json"
+TOKENIZER = "tokenizer.json"
+TRAINER_STATE = "trainer.pt"
+MANIFEST = "checkpoint.json"
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    """A complete checkpoint directory and its manifest."""
+
+    dir: Path
+    manifest: dict[str, Any]
+
+    @property
+    def step(self) -> int:
+        return int(self.manifest["step"])
+
+    @property
+    def val_loss(self) -> float | None:
+        return self.manifest.get("val_loss")
+
+
+def save_checkpoint(
+    checkpoints_dir: Path,
+    *,
+    model: torch.nn.Module,
+    model_config: ModelConfig,
+    plugins: list[str],
+    trainer_state: dict[str, Any],
+    step: int,
+    val_loss: float | None,
+    tokenizer_path: Path | None,
+    pointers: tuple[str, ...] = ("last",),
+) -> Checkpoint:
+    """Write a checkpoint for ``step`` and point ``pointers`` (``last``/``best``) at it."""
+    checkpoints_dir.mkdir(parents=True, exist_ok=True)
+    name = f"step-{step:08d}"
+    final = checkpoints_dir / name
+    try:
+        if not (final / MANIFEST).is_file():
+            _write_checkpoint_dir(
+                checkpoints_dir, final, model, model_config, plugins, trainer_state,
+                step, val_loss, tokenizer_path,
+            )  # fmt: skip
+        manifest = _read_manifest(final)
+        for pointer in pointers:
+            atomic_write_json(
+                checkpoints_dir / f"{pointer}.json",
+                {"dir": name, "step": step, "val_loss": val_loss},
+            )
+    except OSError as err:
+        reason = "the disk is full" if err.errno in (errno.ENOSPC, errno.EDQUOT) else str(err)
+        raise CheckpointError(
+            f"Could not save the checkpoint of step {step} in {checkpoints_dir} ({reason}); "
+            "free some space and resume with --resume, the previous checkpoints are intact."
+        ) from err
+    _remove_unreferenced(checkpoints_dir)
+    return Checkpoint(final, manifest)
+
+
+def _write_checkpoint_dir(
+    checkpoints_dir: Path,
+    final: Path,
+    model: torch.nn.Module,
+    model_config: ModelConfig,
+    plugins: list[str],
+    trainer_state: dict[str, Any],
+    step: int,
+    val_loss: float | None,
+    tokenizer_path: Path | None,
+) -> None:
+    tmp = checkpoints_dir / f".tmp-{final.name}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        state = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
+        save_file(state, str(tmp / WEIGHTS), metadata={"format": str(FORMAT_VERSION)})
+        config_blob = {"model": model_config.model_dump(mode="json"), "plugins": list(plugins)}
+        (tmp / MODEL_CONFIG).write_text(json.dumps(config_blob, indent=2))
+        if tokenizer_path is not None:
+            shutil.copyfile(tokenizer_path, tmp / TOKENIZER)
+        torch.save(trainer_state, tmp / TRAINER_STATE)
+        files = sorted(p.name for p in tmp.iterdir())
+        manifest = {
+            "format": FORMAT_VERSION,
+            "step": step,
+            "val_loss": val_loss,
+            "sha256": {name: _sha256(tmp / name) for name in files},
+        }
+        for name in files:
+            _fsync_file(tmp / name)
+        atomic_write_json(tmp / MANIFEST, manifest)
+        fsync_dir(tmp)
+        tmp.rename(final)
+        fsync_dir(checkpoints_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def resolve_checkpoint(path: Path, which: str = "best") -> Path:
+    """A run directory, its ``checkpoints/`` folder or a checkpoint directory -> checkpoint dir."""
+    path = Path(path)
+    if (path / MANIFEST).is_file():
+        return path
+    for checkpoints_dir in (path / "checkpoints", path):
+        pointer = checkpoints_dir / f"{which}.json"
+        if pointer.is_file():
+            try:
+                target = json.loads(pointer.read_text())["dir"]
+            except (ValueError, KeyError, TypeError):
+                raise CheckpointError(
+                    f"Checkpoint pointer {pointer} is corrupt; point to a checkpoint directory "
+                    "(checkpoints/step-*) instead."
+                ) from None
+            return checkpoints_dir / target
+    raise CheckpointError(
+        f"No '{which}' checkpoint under {path}; give a run directory that has finished at "
+        "least one evaluation, or a checkpoint directory (checkpoints/step-*)."
+    )
+
+
+def verify_checkpoint(directory: Path) -> Checkpoint:
+    """Check that every file of the checkpoint is present and matches its sha256."""
+    manifest = _read_manifest(directory)
+    for name, digest in manifest.get("sha256", {}).items():
+        file = directory / name
+        if not file.is_file():
+            raise CheckpointError(f"Checkpoint {directory} is incomplete: {name} is missing.")
+        if _sha256(file) != digest:
+            raise CheckpointError(
+                f"Checkpoint {directory} is corrupt: {name} does not match its checksum; "
+                "use another checkpoint (e.g. --which last) or retrain."
+            )
+    return Checkpoint(directory, manifest)
+
+
+def read_model_config(directory: Path) -> tuple[ModelConfig, list[str]]:
+    try:
+        blob = json.loads((directory / MODEL_CONFIG).read_text())
+        return ModelConfig(**blob["model"]), list(blob.get("plugins", []))
+    except RopelmError:
+        raise
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise CheckpointError(
+            f"Checkpoint {directory} has no readable {MODEL_CONFIG} ({err})."
+        ) from None
+
+
+def load_weights(model: torch.nn.Module, directory: Path, device: torch.device | str) -> None:
+    """Load ``model.safetensors`` into ``model``; a shape or key mismatch is one sentence."""
+    try:
+        state = load_file(str(directory / WEIGHTS), device=str(device))
+    except (SafetensorError, OSError) as err:
+        raise CheckpointError(f"Cannot read weights from {directory / WEIGHTS} ({err}).") from None
+    result = _load_state(model, state)
+    if result:
+        raise CheckpointError(f"Checkpoint {directory} does not match the model: {result}.")
+
+
+def _load_state(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> str:
+    own = model.state_dict()
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    if missing or unexpected:
+        return f"missing {missing[:3]}, unexpected {unexpected[:3]}"
+    for key, tensor in state.items():
+        if own[key].shape != tensor.shape:
+            expected = tuple(own[key].shape)
+            return f"{key} has shape {tuple(tensor.shape)}, the model expects {expected}"
+    model.load_state_dict(state)
+    return ""
+
+
+def load_trainer_state(directory: Path) -> dict[str, Any]:
+    """The trainer state, loaded with ``weights_only=True`` (no arbitrary unpickling)."""
+    try:
+        return torch.load(directory / TRAINER_STATE, map_location="cpu", weights_only=True)
+    except Exception as err:
+        raise CheckpointError(
+            f"Cannot read trainer state {directory / TRAINER_STATE} ({type(err).__name__}); "
+            "the checkpoint is damaged, resume from another one or retrain."
+        ) from None
+
+
+def load_model(
+    path: str | Path,
+    *,
+    which: str = "best",
+    device: torch.device | str = "cpu",
+    registry: Registry | None = None,
+    verify: bool = True,
+) -> TransformerLM:
+    """Rebuild a trained model from a run directory or checkpoint directory, in eval mode."""
+    directory = resolve_checkpoint(Path(path), which)
+    if verify:
+        verify_checkpoint(directory)
+    model_config, plugins = read_model_config(directory)
+    model = TransformerLM(model_config, registry or Registry.default(plugins))
+    load_weights(model, directory, device)
+    return model.to(device).eval()
+
+
+def _read_manifest(directory: Path) -> dict[str, Any]:
+    file = directory / MANIFEST
+    if not file.is_file():
+        raise CheckpointError(
+            f"{directory} is not a complete checkpoint ({MANIFEST} is missing); "
+            "it was probably interrupted while saving, use another checkpoint."
+        )
+    try:
+        manifest = json.loads(file.read_text())
+    except ValueError:
+        raise CheckpointError(f"Checkpoint manifest {file} is corrupt.") from None
+    if manifest.get("format") != FORMAT_VERSION:
+        raise CheckpointError(
+            f"Checkpoint {directory} has format {manifest.get('format')}, this ropelm reads "
+            f"format {FORMAT_VERSION}; use the ropelm version that wrote it."
+        )
+    return manifest
+
+
+def _remove_unreferenced(checkpoints_dir: Path) -> None:
+    keep = set()
+    for pointer in checkpoints_dir.glob("*.json"):
+        try:
+            keep.add(json.loads(pointer.read_text())["dir"])
+        except (ValueError, KeyError, TypeError, OSError):
+            return  # never delete anything while a pointer is unreadable
+    for child in checkpoints_dir.iterdir():
+        if child.is_dir() and child.name not in keep:
+            shutil.rmtree(child, ignore_errors=True)
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _fsync_file(path: Path) -> None:
+    with path.open("rb+") as f:
+        os.fsync(f.fileno())

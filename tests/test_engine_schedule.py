@@ -1,0 +1,57 @@
+import math
+
+import pytest
+import torch
+
+from ropelm import ModelConfig, TransformerLM
+from ropelm.config import TrainConfig
+from ropelm.engine import StepPlan, build_optimizer, lr_at, resolve_precision
+from ropelm.errors import ConfigError
+
+
+def test_lr_warms_up_linearly_then_follows_a_cosine_to_the_floor():
+    tc = TrainConfig(learning_rate=1e-3, warmup_steps=10, min_lr_ratio=0.1)
+    total = 110
+    assert lr_at(0, total, tc) == pytest.approx(1e-4)
+    assert lr_at(9, total, tc) == pytest.approx(1e-3)
+    halfway = 10 + 50
+    assert lr_at(halfway, total, tc) == pytest.approx(1e-4 + 0.5 * (1e-3 - 1e-4))
+    assert lr_at(total, total, tc) == pytest.approx(1e-4)
+    decay = [lr_at(s, total, tc) for s in range(10, total + 1)]
+    assert all(a >= b for a, b in zip(decay, decay[1:], strict=False))
+
+
+def test_lr_without_warmup_starts_at_the_peak():
+    tc = TrainConfig(learning_rate=3e-4, min_lr_ratio=0.0)
+    assert lr_at(0, 100, tc) == pytest.approx(3e-4)
+    assert lr_at(100, 100, tc) == pytest.approx(0.0, abs=1e-12)
+    assert lr_at(25, 100, tc) == pytest.approx(3e-4 * 0.5 * (1 + math.cos(math.pi / 4)))
+
+
+def test_weight_decay_applies_to_matrices_only():
+    model = TransformerLM(ModelConfig(block_size=8, vocab_size=20, n_layer=1, n_head=2, n_embd=8))
+    opt = build_optimizer(model, TrainConfig(weight_decay=0.1), torch.device("cpu"))
+    decayed, plain = opt.param_groups
+    assert decayed["weight_decay"] == 0.1 and plain["weight_decay"] == 0.0
+    assert all(p.dim() >= 2 for p in decayed["params"])
+    assert all(p.dim() < 2 for p in plain["params"])
+    n_biases_and_norms = sum(1 for n, p in model.named_parameters() if p.dim() < 2)
+    assert len(plain["params"]) == n_biases_and_norms > 0
+    assert opt.defaults["betas"] == (0.9, 0.95)
+
+
+def test_step_plan_counts_epochs_over_the_global_batch():
+    tc = TrainConfig(num_epochs=3, batch_size=4, grad_accum_steps=2)
+    plan = StepPlan.build(tc, block_size=16, train_tokens=16 * 4 * 2 * 2 * 10, world=2)
+    assert plan.tokens_per_step == 4 * 2 * 2 * 16
+    assert plan.steps_per_epoch == 10
+    assert plan.total_steps == 30
+    assert StepPlan.build(TrainConfig(max_steps=7), 16, 10_000, 1).total_steps == 7
+
+
+def test_precision_defaults_to_fp32_on_cpu_and_rejects_fp16_there():
+    cpu = torch.device("cpu")
+    assert resolve_precision(TrainConfig(), cpu) is None
+    assert resolve_precision(TrainConfig(precision="bf16"), cpu) == torch.bfloat16
+    with pytest.raises(ConfigError, match="fp16 needs a CUDA device"):
+        resolve_precision(TrainConfig(precision="fp16"), cpu)
