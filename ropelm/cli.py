@@ -130,5 +130,120 @@ def validate_command(experiment: Path, overrides: tuple[str, ...], show: bool) -
         click.echo(f"{experiment}: OK (att_type {config.model.att_type}, name '{config.name}')")
 
 
+run_dir_option = click.option(
+    "--out",
+    "out_dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    help="Run directory (default: runs/NAME, NAME from the YAML).",
+)
+resume_option = click.option(
+    "--resume",
+    "resume_dir",
+    type=click.Path(file_okay=False, exists=True, path_type=Path),
+    help="Continue the run in this directory from its last checkpoint.",
+)
+quiet_option = click.option("--quiet", is_flag=True, help="No progress bars.")
+
+
+def _print_summary(summary: dict) -> None:
+    click.echo(
+        f"done: {summary['att_type']}, {summary['n_params']:,} parameters, "
+        f"{summary['tokens_seen']:,} tokens, best val loss {summary['best_val_loss']:.4f}, "
+        f"final val ppl {summary['final_val_ppl']:.2f}, "
+        f"{summary['train_tokens_per_s']:,.0f} tokens/s"
+    )
+
+
+@main.command("run")
+@experiment_argument
+@set_option
+@run_dir_option
+@resume_option
+@quiet_option
+def run_command(
+    experiment: Path,
+    overrides: tuple[str, ...],
+    out_dir: Path | None,
+    resume_dir: Path | None,
+    quiet: bool,
+) -> None:
+    """Run an experiment end to end: tokenizer, token files, training, evaluation.
+
+    Cached stages (tokenizer, token files) are reused. The run directory gets
+    config.yaml, metrics.jsonl, checkpoints/ (best and last) and summary.json.
+    Ctrl-C saves a resumable checkpoint; continue with --resume RUN_DIR.
+
+    \b
+    Examples:
+      ropelm-exp run experiments/quickstart.yaml
+      ropelm-exp run experiments/quickstart.yaml --set train.max_steps=50 --out runs/short
+      ropelm-exp run experiments/quickstart.yaml --resume runs/quickstart
+    Multi-process (DDP):
+      torchrun --nproc_per_node=2 -m ropelm.cli run experiments/quickstart.yaml
+    """
+    from ropelm.pipeline import run_experiment
+
+    config = load_experiment(experiment, overrides)
+    summary = run_experiment(
+        config, out_dir=resume_dir or out_dir, resume=resume_dir is not None, progress=not quiet
+    )
+    _print_summary(summary)
+
+
+@main.command("generate")
+@click.argument("run_dir", type=click.Path(exists=True, path_type=Path), metavar="RUN_DIR")
+@click.option("--prompt", default="", help="Text to continue (default: a new document).")
+@click.option("--max-new-tokens", default=100, show_default=True, type=click.IntRange(min=1))
+@click.option(
+    "--temperature",
+    default=0.8,
+    show_default=True,
+    type=click.FloatRange(min=0.0),
+    help="0 is greedy decoding.",
+)
+@click.option("--top-k", type=click.IntRange(min=1), help="Keep the k most likely tokens.")
+@click.option("--top-p", type=click.FloatRange(0.0, 1.0, min_open=True), help="Nucleus mass.")
+@click.option("--seed", type=int, help="Seed for sampling (reproducible output).")
+@click.option("--which", type=click.Choice(["best", "last"]), default="best", show_default=True)
+@click.option("--no-cache", is_flag=True, help="Recompute the whole context for every token.")
+@click.option("--device", default="auto", show_default=True, help="cpu, cuda, cuda:1, ...")
+def generate_command(
+    run_dir: Path,
+    prompt: str,
+    max_new_tokens: int,
+    temperature: float,
+    top_k: int | None,
+    top_p: float | None,
+    seed: int | None,
+    which: str,
+    no_cache: bool,
+    device: str,
+) -> None:
+    """Stream text from a trained model to stdout.
+
+    RUN_DIR is a run directory (its best checkpoint by default) or a checkpoint
+    directory. Example:
+
+    \b
+      ropelm-exp generate runs/quickstart --prompt "The history of" --top-p 0.9 --seed 0
+    """
+    from ropelm.checkpoint import load_model as load_checkpoint_model
+    from ropelm.checkpoint import resolve_checkpoint
+    from ropelm.distributed import resolve_device
+    from ropelm.generate import generate_text
+    from ropelm.tokenizer import load_tokenizer
+
+    directory = resolve_checkpoint(run_dir, which)
+    model = load_checkpoint_model(directory, device=resolve_device(device))
+    tokenizer = load_tokenizer(directory / "tokenizer.json")
+    click.echo(prompt, nl=False)
+    for piece in generate_text(
+        model, tokenizer, prompt, max_new_tokens, temperature=temperature, top_k=top_k,
+        top_p=top_p, seed=seed, use_cache=not no_cache,
+    ):  # fmt: skip
+        click.echo(piece, nl=False)
+    click.echo()
+
+
 if __name__ == "__main__":  # pragma: no cover
     main()
