@@ -8,11 +8,22 @@ an angle proportional to their position, so the score q_m . k_n depends on the
 offset m - n only. Attention is causal softmax through
 ``torch.nn.functional.scaled_dot_product_attention`` (flash / memory-efficient
 kernels where available); a KV cache serves incremental decoding.
+
+Options (:class:`RoPEOptions`, shared by the softmax RoPE variants):
+
+* ``n_kv_head`` -- grouped-query attention (https://arxiv.org/abs/2305.13245);
+  1 is multi-query attention (https://arxiv.org/abs/1911.02150). Changes the
+  shape of ``c_attn``, so it must match the checkpoint.
+* ``scaling`` (``none | linear | ntk | yarn``), ``scale_factor``,
+  ``original_max_len``, ``yarn_alpha``, ``yarn_beta`` -- context extension (see
+  :class:`ropelm.rope.RopeScaling`). They change only the RoPE tables, never the
+  parameters: load a checkpoint trained with ``scaling: none`` into a model with
+  ``scaling: yarn, scale_factor: 4`` to evaluate at 4x the training length.
 """
 
 from __future__ import annotations
 
-from typing import Any
+import dataclasses
 
 import torch
 
@@ -20,7 +31,56 @@ import ropelm
 from ropelm.attention import SelfAttention
 from ropelm.errors import ConfigError
 from ropelm.model import ModelConfig
-from ropelm.rope import RopeTables, apply_rotary_emb
+from ropelm.rope import RopeScaling, RopeTables, ScalingKind, apply_rotary_emb
+
+
+@dataclasses.dataclass(frozen=True)
+class RoPEOptions:
+    """``model.att_options`` of RoPE-SM and RoPE-SM-complex.
+
+    Attributes:
+        n_kv_head: key/value heads (None: n_head); must divide n_head.
+        scaling: RoPE context-extension method; ``none`` keeps the trained tables.
+        scale_factor: extension factor s >= 1 (must stay 1 with ``scaling: none``).
+        original_max_len: training context length L for YaRN (None: model.block_size).
+        yarn_alpha, yarn_beta: YaRN ramp bounds (paper: 1 and 32).
+    """
+
+    n_kv_head: int | None = None
+    scaling: ScalingKind = "none"
+    scale_factor: float = 1.0
+    original_max_len: int | None = None
+    yarn_alpha: float = 1.0
+    yarn_beta: float = 32.0
+
+    def __post_init__(self) -> None:
+        if self.n_kv_head is not None and self.n_kv_head < 1:
+            raise ValueError(f"n_kv_head must be >= 1 (or unset), got {self.n_kv_head}")
+        if not self.scale_factor >= 1.0:
+            raise ValueError(f"scale_factor must be >= 1, got {self.scale_factor}")
+        if self.scaling == "none" and self.scale_factor != 1.0:
+            raise ValueError(
+                f"scale_factor={self.scale_factor} has no effect with scaling 'none'; "
+                "set scaling to linear, ntk or yarn, or remove scale_factor"
+            )
+        if self.original_max_len is not None and self.original_max_len < 1:
+            raise ValueError(f"original_max_len must be >= 1, got {self.original_max_len}")
+        if not 0.0 <= self.yarn_alpha < self.yarn_beta:
+            raise ValueError(
+                f"need 0 <= yarn_alpha < yarn_beta, got {self.yarn_alpha} and {self.yarn_beta}"
+            )
+
+    def rope_scaling(self, config: ModelConfig) -> RopeScaling | None:
+        """The :class:`RopeScaling` these options ask for (None for ``scaling: none``)."""
+        if self.scaling == "none":
+            return None
+        return RopeScaling(
+            kind=self.scaling,
+            factor=self.scale_factor,
+            original_max_len=self.original_max_len or config.block_size,
+            alpha=self.yarn_alpha,
+            beta=self.yarn_beta,
+        )
 
 
 def check_even_head_size(config: ModelConfig, variant: str) -> None:
@@ -36,9 +96,12 @@ def check_even_head_size(config: ModelConfig, variant: str) -> None:
 class RoPEAttention(SelfAttention):
     """Causal softmax attention with queries and keys rotated by RoPE."""
 
-    def __init__(self, config: ModelConfig) -> None:
-        super().__init__(config)
-        self.rope = RopeTables(self.head_size, base=config.rope_theta)
+    def __init__(self, config: ModelConfig, options: RoPEOptions | None = None) -> None:
+        options = options if options is not None else RoPEOptions()
+        super().__init__(config, n_kv_head=options.n_kv_head)
+        self.rope = RopeTables(
+            self.head_size, base=config.rope_theta, scaling=options.rope_scaling(config)
+        )
 
     def position_qk(
         self, q: torch.Tensor, k: torch.Tensor, start: int
@@ -48,9 +111,9 @@ class RoPEAttention(SelfAttention):
         return apply_rotary_emb(q, cos, sin), apply_rotary_emb(k, cos, sin)
 
 
-def build(config: ModelConfig, options: Any) -> RoPEAttention:
+def build(config: ModelConfig, options: RoPEOptions | None) -> RoPEAttention:
     check_even_head_size(config, "RoPE-SM")
-    return RoPEAttention(config)
+    return RoPEAttention(config, options)
 
 
 @ropelm.hookimpl
@@ -61,6 +124,7 @@ def ropelm_register_attention(register):
             description="Rotary position embedding (real sin/cos form) + causal softmax (SDPA).",
             reference="https://arxiv.org/abs/2104.09864",
             factory=build,
+            options=RoPEOptions,
             capabilities=ropelm.Capabilities(causal=True, kv_cache=True, extrapolates=True),
         )
     )

@@ -7,27 +7,32 @@ Each consecutive feature pair (x_{2i}, x_{2i+1}) is read as the complex number
 x_{2i} + i x_{2i+1} and multiplied by e^{i m theta_i}. This is the same rotation
 as ``RoPE-SM`` (same pairing, same angles); it exists to cross-check the real
 form, and the two are tested to agree to 1e-5 (float32) and 1e-10 (float64).
+It takes the same options as ``RoPE-SM`` (:class:`RoPEOptions`: grouped-query
+attention and context-extension scaling); with YaRN the unit complex numbers get
+the magnitude 0.1 ln(s) + 1, exactly like the real tables.
 """
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
-from ropelm.plugins.rope_sm import check_even_head_size
+from ropelm.plugins.rope_sm import RoPEOptions, check_even_head_size
 
 import ropelm
 from ropelm.attention import SelfAttention
 from ropelm.model import ModelConfig
-from ropelm.rope import rope_angles
+from ropelm.rope import RopeScaling, rope_angles
 
 
 class ComplexRotation:
-    """Unit complex numbers e^{i m theta_i} per (device, dtype), grown on demand."""
+    """Complex numbers a e^{i m theta_i} per (device, dtype), grown on demand.
 
-    def __init__(self, head_dim: int, base: float) -> None:
+    a = 1 unless YaRN ``scaling`` asks for its attention factor.
+    """
+
+    def __init__(self, head_dim: int, base: float, scaling: RopeScaling | None = None) -> None:
         self.head_dim = head_dim
         self.base = base
+        self.scaling = scaling
         self._tables: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}
 
     def get(self, start: int, end: int, device: torch.device, x_dtype: torch.dtype) -> torch.Tensor:
@@ -35,8 +40,12 @@ class ComplexRotation:
         table = self._tables.get((device, dtype))
         if table is None or table.size(0) < end:
             length = max(end, 2 * table.size(0) if table is not None else end)
-            angles = rope_angles(length, self.head_dim, self.base, device=device)  # float64
-            table = torch.polar(torch.ones_like(angles), angles).to(dtype)  # (T, hs/2)
+            angles = rope_angles(
+                length, self.head_dim, self.base, scaling=self.scaling, device=device
+            )  # (T, hs/2) float64
+            factor = self.scaling.attention_factor if self.scaling is not None else 1.0
+            magnitude = torch.full_like(angles, factor)
+            table = torch.polar(magnitude, angles).to(dtype)  # (T, hs/2)
             self._tables[(device, dtype)] = table
         return table[start:end]
 
@@ -52,9 +61,12 @@ def apply_rotary_emb_complex(x: torch.Tensor, rotation: torch.Tensor) -> torch.T
 class ComplexRoPEAttention(SelfAttention):
     """Causal softmax attention with RoPE applied as a complex multiplication."""
 
-    def __init__(self, config: ModelConfig) -> None:
-        super().__init__(config)
-        self.rotation = ComplexRotation(self.head_size, base=config.rope_theta)
+    def __init__(self, config: ModelConfig, options: RoPEOptions | None = None) -> None:
+        options = options if options is not None else RoPEOptions()
+        super().__init__(config, n_kv_head=options.n_kv_head)
+        self.rotation = ComplexRotation(
+            self.head_size, base=config.rope_theta, scaling=options.rope_scaling(config)
+        )
 
     def position_qk(
         self, q: torch.Tensor, k: torch.Tensor, start: int
@@ -63,9 +75,9 @@ class ComplexRoPEAttention(SelfAttention):
         return apply_rotary_emb_complex(q, rotation), apply_rotary_emb_complex(k, rotation)
 
 
-def build(config: ModelConfig, options: Any) -> ComplexRoPEAttention:
+def build(config: ModelConfig, options: RoPEOptions | None) -> ComplexRoPEAttention:
     check_even_head_size(config, "RoPE-SM-complex")
-    return ComplexRoPEAttention(config)
+    return ComplexRoPEAttention(config, options)
 
 
 @ropelm.hookimpl
@@ -76,6 +88,7 @@ def ropelm_register_attention(register):
             description="RoPE by complex multiplication + causal softmax; cross-checks RoPE-SM.",
             reference="https://arxiv.org/abs/2104.09864",
             factory=build,
+            options=RoPEOptions,
             capabilities=ropelm.Capabilities(causal=True, kv_cache=True, extrapolates=True),
         )
     )

@@ -139,11 +139,11 @@ class AttentionSpec:
             return pydantic.TypeAdapter(self.options).validate_python(raw)
         except pydantic.ValidationError as err:
             first = err.errors()[0]
-            where = ".".join(str(p) for p in first["loc"])
-            raise ConfigError(
-                f"model.att_options.{where}: {first['msg']} "
-                f"(attention '{self.name}', got {first.get('input')!r})."
-            ) from None
+            where = ".".join(["model.att_options", *(str(p) for p in first["loc"])])
+            message = first["msg"].removeprefix("Value error, ").rstrip(".")
+            # a check in the options' __post_init__ has no location and names its own value
+            got = f", got {first.get('input')!r}" if first["loc"] else ""
+            raise ConfigError(f"{where}: {message} (attention '{self.name}'{got}).") from None
 
 
 class KVCache:
@@ -191,30 +191,69 @@ class SelfAttention(nn.Module):
     Subclasses give it a position scheme by overriding :meth:`position_qk`, or a
     different score-to-weight rule by overriding :meth:`attend`. The base class
     itself has no position information (NoPE).
+
+    ``n_kv_head`` < ``n_head`` gives grouped-query attention (Ainslie et al., 2023,
+    https://arxiv.org/abs/2305.13245; ``n_kv_head=1`` is multi-query attention, Shazeer,
+    2019, https://arxiv.org/abs/1911.02150): query head h reads key/value head
+    ``h // (n_head // n_kv_head)``. The projection stays one fused ``c_attn`` whose
+    rows are [q (n_head * hs), k (n_kv_head * hs), v (n_kv_head * hs)], so with
+    ``n_kv_head == n_head`` the parameters and checkpoint layout are the plain MHA ones.
     """
 
-    def __init__(self, config: ModelConfig) -> None:
+    def __init__(self, config: ModelConfig, n_kv_head: int | None = None) -> None:
         super().__init__()
         self.n_head = config.n_head
+        self.n_kv_head = config.n_head if n_kv_head is None else n_kv_head
+        if self.n_kv_head < 1 or config.n_head % self.n_kv_head:
+            raise ConfigError(
+                f"model.att_options.n_kv_head: must divide n_head ({config.n_head}), "
+                f"got {self.n_kv_head}; use a divisor such as 1 (MQA) or {config.n_head} (MHA)."
+            )
         self.head_size = config.n_embd // config.n_head
         self.dropout = config.dropout
-        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)
+        kv_dim = self.n_kv_head * self.head_size
+        self.qkv_sizes = (config.n_embd, kv_dim, kv_dim)
+        self.c_attn = nn.Linear(config.n_embd, sum(self.qkv_sizes), bias=config.bias)
         self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
         self.resid_dropout = nn.Dropout(config.dropout)
 
-    def forward(self, x: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
-        B, T, C = x.shape
-        q, k, v = self.c_attn(x).split(C, dim=2)
+    @property
+    def gqa(self) -> bool:
+        """True when keys and values have fewer heads than queries."""
+        return self.n_kv_head != self.n_head
+
+    def project_qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Queries (B, nh, T, hs), keys and values (B, n_kv_head, T, hs) of x (B, T, C)."""
+        B, T, _ = x.shape
+        q, k, v = self.c_attn(x).split(self.qkv_sizes, dim=2)
         q = q.view(B, T, self.n_head, self.head_size).transpose(1, 2)  # (B, nh, T, hs)
-        k = k.view(B, T, self.n_head, self.head_size).transpose(1, 2)  # (B, nh, T, hs)
-        v = v.view(B, T, self.n_head, self.head_size).transpose(1, 2)  # (B, nh, T, hs)
+        k = k.view(B, T, self.n_kv_head, self.head_size).transpose(1, 2)  # (B, nkv, T, hs)
+        v = v.view(B, T, self.n_kv_head, self.head_size).transpose(1, 2)  # (B, nkv, T, hs)
+        return q, k, v
+
+    def project_out(self, y: torch.Tensor) -> torch.Tensor:
+        """Merge heads of y (B, nh, T, hs) and project back to (B, T, C)."""
+        B, _, T, _ = y.shape
+        y = y.transpose(1, 2).reshape(B, T, self.n_head * self.head_size)  # (B, T, C)
+        return self.resid_dropout(self.c_proj(y))
+
+    def repeat_kv(self, x: torch.Tensor) -> torch.Tensor:
+        """Expand keys or values (B, n_kv_head, L, hs) to (B, nh, L, hs), for manual maths.
+
+        SDPA does not need this: pass ``enable_gqa=self.gqa`` instead (no copy).
+        """
+        if not self.gqa:
+            return x
+        return x.repeat_interleave(self.n_head // self.n_kv_head, dim=1)
+
+    def forward(self, x: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
+        q, k, v = self.project_qkv(x)  # (B, nh, T, hs), (B, nkv, T, hs) x 2
         start = cache.length if cache is not None else 0
         q, k = self.position_qk(q, k, start)
         if cache is not None:
-            k, v = cache.append(k, v)  # (B, nh, start + T, hs)
+            k, v = cache.append(k, v)  # (B, nkv, start + T, hs)
         y = self.attend(q, k, v, start)  # (B, nh, T, hs)
-        y = y.transpose(1, 2).contiguous().view(B, T, C)
-        return self.resid_dropout(self.c_proj(y))
+        return self.project_out(y)
 
     def position_qk(
         self, q: torch.Tensor, k: torch.Tensor, start: int
@@ -223,17 +262,20 @@ class SelfAttention(nn.Module):
         return q, k
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start: int) -> torch.Tensor:
-        """Causal softmax attention of q (B, nh, T, hs) over k, v (B, nh, start + T, hs)."""
+        """Causal softmax attention of q (B, nh, T, hs) over k, v (B, nkv, start + T, hs)."""
         dropout_p = self.dropout if self.training else 0.0
         t_query = q.size(2)
         if start == 0:
-            return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True)
-        if t_query == 1:  # one new token sees every cached key
-            return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p)
-        mask = causal_mask(t_query, start, q.device)
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)
+            mask, is_causal = None, True
+        elif t_query == 1:  # one new token sees every cached key
+            mask, is_causal = None, False
+        else:
+            mask, is_causal = causal_mask(t_query, start, q.device), False
+        return F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, dropout_p=dropout_p, is_causal=is_causal, enable_gqa=self.gqa
+        )
 
     def init_cache(
         self, batch_size: int, max_len: int, device: torch.device, dtype: torch.dtype
     ) -> KVCache:
-        return KVCache(batch_size, self.n_head, max_len, self.head_size, device, dtype)
+        return KVCache(batch_size, self.n_kv_head, max_len, self.head_size, device, dtype)

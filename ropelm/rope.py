@@ -16,11 +16,107 @@ the same pairing and must agree with this module.
 The tables are computed in float64 and stored in float32 (float64 when asked),
 whatever dtype the model trains in: a bf16 table would lose the angle at large
 positions. No complex numbers are used on this path.
+
+Context-window extension (:class:`RopeScaling`) changes only the frequencies
+(and, for YaRN, the magnitude of the tables), never the parameters, so a model
+trained without scaling can be evaluated with it:
+
+* ``linear`` -- position interpolation (Chen et al., 2023,
+  https://arxiv.org/abs/2306.15595): theta_i / s, i.e. position m acts as m / s.
+* ``ntk`` -- NTK-aware base scaling
+  (https://www.reddit.com/r/LocalLLaMA/comments/14lz7j5/):
+  base' = base * s ** (hs / (hs - 2)); high frequencies barely move, the lowest
+  one is interpolated by exactly s.
+* ``yarn`` -- YaRN (Peng et al., 2023, https://arxiv.org/abs/2309.00071), "NTK-by-parts"
+  plus temperature. With L the original context length, lambda_i = 2 pi / theta_i
+  and r_i = L / lambda_i (how many turns dimension i makes over L)::
+
+      gamma_i = 0 if r_i < alpha, 1 if r_i > beta, (r_i - alpha) / (beta - alpha) otherwise
+      theta'_i = (1 - gamma_i) * theta_i / s + gamma_i * theta_i
+
+  and the logits are divided by the temperature t with sqrt(1 / t) = 0.1 ln(s) + 1:
+  both cos and sin tables are multiplied by 0.1 ln(s) + 1, so q . k scales by its
+  square once q and k are rotated (the paper's "scale both q and k" form).
 """
 
 from __future__ import annotations
 
+import dataclasses
+import math
+from typing import Literal
+
 import torch
+
+ScalingKind = Literal["none", "linear", "ntk", "yarn"]
+
+
+@dataclasses.dataclass(frozen=True)
+class RopeScaling:
+    """How RoPE frequencies are rescaled to run beyond the training context length.
+
+    Attributes:
+        kind: ``none``, ``linear`` (position interpolation), ``ntk`` (NTK-aware base
+            scaling) or ``yarn`` (NTK-by-parts ramp + attention temperature).
+        factor: the context extension factor s (>= 1): evaluate at s times ``original_max_len``.
+        original_max_len: the training context length L (``yarn`` only).
+        alpha, beta: YaRN's ramp bounds on r = L / wavelength (paper: 1 and 32).
+    """
+
+    kind: ScalingKind = "none"
+    factor: float = 1.0
+    original_max_len: int | None = None
+    alpha: float = 1.0
+    beta: float = 32.0
+
+    def __post_init__(self) -> None:
+        if self.kind not in ("none", "linear", "ntk", "yarn"):
+            raise ValueError(f"RoPE scaling must be none, linear, ntk or yarn; got {self.kind!r}.")
+        if not self.factor >= 1.0:
+            raise ValueError(f"RoPE scale factor must be >= 1, got {self.factor}.")
+        if self.kind == "yarn" and (self.original_max_len is None or self.original_max_len < 1):
+            raise ValueError("YaRN scaling needs original_max_len, the training context length.")
+        if not 0.0 <= self.alpha < self.beta:
+            raise ValueError(f"YaRN needs 0 <= alpha < beta, got {self.alpha}, {self.beta}.")
+
+    @property
+    def attention_factor(self) -> float:
+        """Multiplier of the cos/sin tables: YaRN's sqrt(1/t) = 0.1 ln(s) + 1, else 1."""
+        if self.kind == "yarn" and self.factor > 1.0:
+            return 0.1 * math.log(self.factor) + 1.0
+        return 1.0
+
+    def inv_freq(
+        self, head_dim: int, base: float = 10000.0, device: torch.device | str | None = None
+    ) -> torch.Tensor:
+        """The scaled frequencies theta'_i in float64, shape (head_dim // 2,)."""
+        return rope_inv_freq(head_dim, base, scaling=self, device=device)
+
+
+def rope_inv_freq(
+    head_dim: int,
+    base: float = 10000.0,
+    *,
+    scaling: RopeScaling | None = None,
+    device: torch.device | str | None = None,
+) -> torch.Tensor:
+    """Frequencies theta_i = base ** (-2i / hs) in float64, shape (hs/2,), after ``scaling``."""
+    if head_dim <= 0 or head_dim % 2:
+        raise ValueError(f"RoPE needs a positive, even head size; got {head_dim}.")
+    kind = scaling.kind if scaling is not None else "none"
+    if kind == "ntk":
+        if head_dim <= 2:
+            raise ValueError("NTK-aware scaling needs a head size above 2.")
+        base = base * scaling.factor ** (head_dim / (head_dim - 2))
+    inv_freq = base ** (
+        -torch.arange(0, head_dim, 2, dtype=torch.float64, device=device) / head_dim
+    )
+    if kind == "linear":
+        inv_freq = inv_freq / scaling.factor
+    elif kind == "yarn":
+        turns = scaling.original_max_len * inv_freq / (2 * math.pi)  # r_i = L / lambda_i
+        gamma = ((turns - scaling.alpha) / (scaling.beta - scaling.alpha)).clamp(0.0, 1.0)
+        inv_freq = (1.0 - gamma) * inv_freq / scaling.factor + gamma * inv_freq
+    return inv_freq
 
 
 def rope_angles(
@@ -30,17 +126,15 @@ def rope_angles(
     *,
     start: int = 0,
     position_scale: float = 1.0,
+    scaling: RopeScaling | None = None,
     device: torch.device | str | None = None,
 ) -> torch.Tensor:
     """Angles m * theta_i in float64, shape (seq_len, head_dim // 2), m = start, start + 1, ...
 
-    ``position_scale`` multiplies the positions (< 1 is linear position interpolation).
+    ``position_scale`` multiplies the positions (< 1 is linear position interpolation);
+    ``scaling`` rescales the frequencies (see :class:`RopeScaling`).
     """
-    if head_dim <= 0 or head_dim % 2:
-        raise ValueError(f"RoPE needs a positive, even head size; got {head_dim}.")
-    inv_freq = base ** (
-        -torch.arange(0, head_dim, 2, dtype=torch.float64, device=device) / head_dim
-    )
+    inv_freq = rope_inv_freq(head_dim, base, scaling=scaling, device=device)  # (hs/2,)
     positions = torch.arange(start, start + seq_len, dtype=torch.float64, device=device)
     return torch.outer(positions * position_scale, inv_freq)  # (T, hs/2)
 
@@ -54,18 +148,30 @@ def build_rope_cache(
     device: torch.device | str | None = None,
     start: int = 0,
     position_scale: float = 1.0,
+    scaling: RopeScaling | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Precompute the RoPE tables ``(cos, sin)``, each of shape (seq_len, head_dim // 2).
 
     Row m holds cos(m * theta_i) and sin(m * theta_i). ``dtype`` must be float32
-    or float64: tables are never kept in half precision.
+    or float64: tables are never kept in half precision. With YaRN ``scaling`` both
+    tables are multiplied by its attention factor (see :class:`RopeScaling`).
     """
     if dtype not in (torch.float32, torch.float64):
         raise ValueError(f"RoPE tables are kept in float32 or float64, not {dtype}.")
     angles = rope_angles(
-        seq_len, head_dim, base, start=start, position_scale=position_scale, device=device
+        seq_len,
+        head_dim,
+        base,
+        start=start,
+        position_scale=position_scale,
+        scaling=scaling,
+        device=device,
     )
-    return angles.cos().to(dtype), angles.sin().to(dtype)
+    cos, sin = angles.cos(), angles.sin()  # (T, hs/2) float64
+    factor = scaling.attention_factor if scaling is not None else 1.0
+    if factor != 1.0:
+        cos, sin = cos * factor, sin * factor
+    return cos.to(dtype), sin.to(dtype)
 
 
 def apply_rotary_emb(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -91,10 +197,17 @@ class RopeTables:
     checkpoint.
     """
 
-    def __init__(self, head_dim: int, base: float = 10000.0, position_scale: float = 1.0) -> None:
+    def __init__(
+        self,
+        head_dim: int,
+        base: float = 10000.0,
+        position_scale: float = 1.0,
+        scaling: RopeScaling | None = None,
+    ) -> None:
         self.head_dim = head_dim
         self.base = base
         self.position_scale = position_scale
+        self.scaling = scaling
         self._tables: dict[tuple[torch.device, torch.dtype], tuple[torch.Tensor, torch.Tensor]] = {}
 
     def get(
@@ -113,6 +226,7 @@ class RopeTables:
                 dtype=dtype,
                 device=device,
                 position_scale=self.position_scale,
+                scaling=self.scaling,
             )
             self._tables[key] = (cos, sin)
         return cos[start:end], sin[start:end]
