@@ -90,8 +90,9 @@ def save_checkpoint(
                 checkpoints_dir / f"{pointer}.json",
                 {"dir": name, "step": step, "val_loss": val_loss},
             )
-    except OSError as err:
-        reason = "the disk is full" if err.errno in (errno.ENOSPC, errno.EDQUOT) else str(err)
+    except (OSError, SafetensorError) as err:
+        full = getattr(err, "errno", None) in (errno.ENOSPC, errno.EDQUOT)
+        reason = "the disk is full" if full or "No space left" in str(err) else str(err)
         raise CheckpointError(
             f"Could not save the checkpoint of step {step} in {checkpoints_dir} ({reason}); "
             "free some space and resume with --resume, the previous checkpoints are intact."

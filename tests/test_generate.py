@@ -8,9 +8,7 @@ from ropelm.generate import generate_tokens, sample_next
 @pytest.fixture(scope="module")
 def tiny_model() -> TransformerLM:
     torch.manual_seed(0)
-    config = ModelConfig(
-        block_size=16, vocab_size=50, n_layer=2, n_head=2, n_embd=32, dropout=0.0
-    )
+    config = ModelConfig(block_size=16, vocab_size=50, n_layer=2, n_head=2, n_embd=32, dropout=0.0)
     return TransformerLM(config).eval()
 
 
@@ -46,9 +44,7 @@ def test_top_p_always_keeps_the_most_likely_token():
 def test_greedy_decoding_with_cache_equals_without(tiny_model, new_tokens):
     prompt = [3, 7, 11, 2]
     cached = list(generate_tokens(tiny_model, prompt, new_tokens, temperature=0))
-    uncached = list(
-        generate_tokens(tiny_model, prompt, new_tokens, temperature=0, use_cache=False)
-    )
+    uncached = list(generate_tokens(tiny_model, prompt, new_tokens, temperature=0, use_cache=False))
     assert cached == uncached
     assert len(cached) == new_tokens
 

@@ -1,0 +1,121 @@
+import json
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+from ropelm import CheckpointError, ModelConfig, TransformerLM
+from ropelm.checkpoint import (
+    load_model,
+    load_trainer_state,
+    resolve_checkpoint,
+    save_checkpoint,
+    verify_checkpoint,
+)
+
+CONFIG = ModelConfig(block_size=16, vocab_size=40, n_layer=1, n_head=2, n_embd=16, dropout=0.0)
+
+
+def _save(root, model, step, val_loss, pointers=("last",)):
+    return save_checkpoint(
+        root,
+        model=model,
+        model_config=CONFIG,
+        plugins=[],
+        trainer_state={"step": step, "rng": torch.get_rng_state(), "note": [1, 2.5, None]},
+        step=step,
+        val_loss=val_loss,
+        tokenizer_path=None,
+        pointers=pointers,
+    )
+
+
+def test_saved_model_reloads_with_identical_outputs(tmp_path):
+    torch.manual_seed(0)
+    model = TransformerLM(CONFIG).eval()
+    _save(tmp_path / "checkpoints", model, step=3, val_loss=1.5, pointers=("last", "best"))
+    reloaded = load_model(tmp_path)
+    idx = torch.randint(0, 40, (2, 10))
+    torch.testing.assert_close(reloaded(idx)[0], model(idx)[0], rtol=0, atol=0)
+    assert not reloaded.training
+    state = load_trainer_state(resolve_checkpoint(tmp_path, "last"))
+    assert state["step"] == 3 and state["note"] == [1, 2.5, None]
+
+
+def test_pointers_keep_best_and_last_and_old_checkpoints_are_removed(tmp_path):
+    root = tmp_path / "checkpoints"
+    model = TransformerLM(CONFIG)
+    _save(root, model, 1, 2.0, ("last", "best"))
+    _save(root, model, 2, 3.0, ("last",))
+    _save(root, model, 3, 4.0, ("last",))
+    assert resolve_checkpoint(tmp_path, "best").name == "step-00000001"
+    assert resolve_checkpoint(tmp_path, "last").name == "step-00000003"
+    assert sorted(p.name for p in root.iterdir() if p.is_dir()) == [
+        "step-00000001",
+        "step-00000003",
+    ]
+
+
+def test_corrupt_weights_are_detected_with_one_sentence(tmp_path):
+    model = TransformerLM(CONFIG)
+    ckpt = _save(tmp_path / "checkpoints", model, 1, 1.0, ("best",))
+    weights = ckpt.dir / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-5] ^= 0xFF
+    weights.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match=r"corrupt: model\.safetensors does not match"):
+        load_model(tmp_path)
+
+
+def test_incomplete_checkpoint_and_missing_run_are_clear_errors(tmp_path):
+    with pytest.raises(CheckpointError, match="No 'best' checkpoint"):
+        load_model(tmp_path)
+    half = tmp_path / "step-00000009"
+    half.mkdir()
+    (half / "model.safetensors").write_bytes(b"partial")
+    with pytest.raises(CheckpointError, match="not a complete checkpoint"):
+        verify_checkpoint(half)
+
+
+def test_mismatched_checkpoint_names_the_mismatch(tmp_path):
+    ckpt = _save(tmp_path / "checkpoints", TransformerLM(CONFIG), 1, 1.0, ("best",))
+    blob = json.loads((ckpt.dir / "model_config.json").read_text())
+    blob["model"]["n_embd"] = 32
+    (ckpt.dir / "model_config.json").write_text(json.dumps(blob))
+    with pytest.raises(CheckpointError, match="does not match the model"):
+        load_model(ckpt.dir, verify=False)
+
+
+def test_failed_write_keeps_the_previous_checkpoint(tmp_path):
+    """A real write failure (file-size limit, like a full disk) mid-save loses nothing."""
+    script = textwrap.dedent(
+        f"""
+        import resource, signal, sys, torch
+        from ropelm import ModelConfig, TransformerLM, CheckpointError
+        from ropelm.checkpoint import save_checkpoint
+        config = ModelConfig(**{CONFIG.model_dump()!r})
+        model = TransformerLM(config)
+        root = __import__("pathlib").Path({str(tmp_path)!r}) / "checkpoints"
+        kw = dict(model=model, model_config=config, plugins=[], trainer_state={{}},
+                  tokenizer_path=None, pointers=("last", "best"))
+        save_checkpoint(root, step=1, val_loss=1.0, **kw)
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (4096, resource.RLIM_INFINITY))
+        try:
+            save_checkpoint(root, step=2, val_loss=0.5, **kw)
+        except CheckpointError as err:
+            print("ERROR:", err)
+            sys.exit(3)
+        """
+    )
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert proc.returncode == 3, proc.stderr
+    assert "Could not save the checkpoint of step 2" in proc.stdout
+    assert "previous checkpoints are intact" in proc.stdout
+    assert resolve_checkpoint(tmp_path, "last").name == "step-00000001"
+    assert resolve_checkpoint(tmp_path, "best").name == "step-00000001"
+    verify_checkpoint(resolve_checkpoint(tmp_path, "best"))
+    leftovers = [p.name for p in (tmp_path / "checkpoints").iterdir() if p.name.startswith(".")]
+    assert leftovers == []
