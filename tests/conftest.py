@@ -1,0 +1,100 @@
+"""Fixtures shared across the test suite.
+
+``demo_plugin`` installs the real third-party plugin package in
+``tests/fixtures/ropelm_demo_plugin`` with pip, once per test session, so tests
+can check that an installed ``ropelm`` entry point is found. pip installs it
+into a session-private directory (``pip install --target``) that is put on
+``sys.path`` (and on ``PYTHONPATH`` for subprocesses) instead of into the
+shared virtualenv: other test sessions running at the same time, or later ones
+after a crash, never see a stray ``Demo-NoPE``.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import shutil
+import subprocess
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+DEMO_PLUGIN_SOURCE = Path(__file__).parent / "fixtures" / "ropelm_demo_plugin"
+
+
+@dataclass(frozen=True)
+class InstalledPlugin:
+    """The demo plugin package as pip installed it."""
+
+    variant: str  # the attention variant the package registers
+    distribution: str  # its name on PyPI-style metadata
+    version: str
+    entry_point: str  # "name = module" in the ropelm group
+    site_dir: Path  # the directory pip installed into (on sys.path while the fixture lives)
+
+    @property
+    def source(self) -> str:
+        """The source string the registry reports for the variant."""
+        name, _, module = self.entry_point.partition(" = ")
+        return f"{self.distribution} {self.version} (entry point '{name}' = {module})"
+
+    def env(self) -> dict[str, str]:
+        """Environment for a subprocess that should see the plugin."""
+        paths = [str(self.site_dir), os.environ.get("PYTHONPATH", "")]
+        return {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in paths if p)}
+
+
+@pytest.fixture(scope="session")
+def demo_plugin(tmp_path_factory: pytest.TempPathFactory) -> Iterator[InstalledPlugin]:
+    """Install ``ropelm-demo-plugin`` with pip for this session; remove it afterwards.
+
+    An install failure fails (never skips) every test that uses the fixture.
+    """
+    # Build from a private copy: setuptools writes build/ and *.egg-info next to the source.
+    source = tmp_path_factory.mktemp("demo-plugin-src") / "ropelm_demo_plugin"
+    shutil.copytree(
+        DEMO_PLUGIN_SOURCE,
+        source,
+        ignore=shutil.ignore_patterns("build", "*.egg-info", "__pycache__"),
+    )
+    site_dir = tmp_path_factory.mktemp("demo-plugin-site")
+    command = [
+        sys.executable,
+        "-m",
+        "pip",
+        "install",
+        "--no-deps",
+        "--no-build-isolation",
+        "--no-index",
+        "--disable-pip-version-check",
+        "--quiet",
+        "--target",
+        str(site_dir),
+        str(source),
+    ]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    if result.returncode != 0:
+        pytest.fail(
+            f"pip could not install the demo plugin (exit {result.returncode}):\n"
+            f"{result.stdout}\n{result.stderr}",
+            pytrace=False,
+        )
+    sys.path.insert(0, str(site_dir))
+    importlib.invalidate_caches()
+    try:
+        yield InstalledPlugin(
+            variant="Demo-NoPE",
+            distribution="ropelm-demo-plugin",
+            version="0.1.0",
+            entry_point="demo = ropelm_demo_plugin",
+            site_dir=site_dir,
+        )
+    finally:
+        sys.path.remove(str(site_dir))
+        for name in [m for m in sys.modules if m.split(".")[0] == "ropelm_demo_plugin"]:
+            del sys.modules[name]
+        importlib.invalidate_caches()
+        shutil.rmtree(site_dir, ignore_errors=True)
