@@ -7,4 +7,6 @@ Each module registers its variants through the public hook
 BUILTIN_MODULES: tuple[str, ...] = (
     "ropelm.plugins.rope_sm",
     "ropelm.plugins.rope_sm_complex",
+    "ropelm.plugins.nope",
+    "ropelm.plugins.alibi",
 )

@@ -28,7 +28,7 @@ import dataclasses
 import torch
 
 import ropelm
-from ropelm.attention import SelfAttention
+from ropelm.attention import SelfAttention, check_n_kv_head
 from ropelm.errors import ConfigError
 from ropelm.model import ModelConfig
 from ropelm.rope import RopeScaling, RopeTables, ScalingKind, apply_rotary_emb
@@ -54,8 +54,7 @@ class RoPEOptions:
     yarn_beta: float = 32.0
 
     def __post_init__(self) -> None:
-        if self.n_kv_head is not None and self.n_kv_head < 1:
-            raise ValueError(f"n_kv_head must be >= 1 (or unset), got {self.n_kv_head}")
+        check_n_kv_head(self.n_kv_head)
         if not self.scale_factor >= 1.0:
             raise ValueError(f"scale_factor must be >= 1, got {self.scale_factor}")
         if self.scaling == "none" and self.scale_factor != 1.0:

@@ -178,6 +178,12 @@ class KVCache:
         return self.k[:, :, :end], self.v[:, :, :end]
 
 
+def check_n_kv_head(n_kv_head: int | None) -> None:
+    """Range check of an ``n_kv_head`` option (divisibility is checked against the model)."""
+    if n_kv_head is not None and n_kv_head < 1:
+        raise ValueError(f"n_kv_head must be >= 1 (or unset for n_head), got {n_kv_head}")
+
+
 def causal_mask(t_query: int, start: int, device: torch.device) -> torch.Tensor:
     """Boolean mask (T, start + T): query i (at position start + i) sees keys 0..start + i."""
     query_pos = torch.arange(start, start + t_query, device=device)[:, None]
