@@ -32,7 +32,7 @@ import pluggy
 
 from ropelm import hookspecs
 from ropelm.attention import AttentionSpec
-from ropelm.errors import PluginError, UnknownAttentionError, closest
+from ropelm.errors import PluginError, UnknownAttentionError, did_you_mean
 
 ENTRY_POINT_GROUP = "ropelm"
 
@@ -160,10 +160,9 @@ class Registry:
             return self._variants[name]
         except KeyError:
             names = sorted(self._variants)
-            match = closest(name, names)
-            hint = f" Did you mean '{match}'?" if match else ""
             raise UnknownAttentionError(
-                f"Unknown attention type '{name}'; registered types are {', '.join(names)}.{hint}"
+                f"Unknown attention type '{name}'{did_you_mean(name, names)}; "
+                f"registered types are {', '.join(names)}."
             ) from None
 
     def names(self) -> list[str]:
