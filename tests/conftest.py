@@ -1,5 +1,7 @@
 """Fixtures shared across the test suite.
 
+``assert_one_sentence`` checks the one-sentence rule of user-facing errors.
+
 ``demo_plugin`` installs the real third-party plugin package in
 ``tests/fixtures/ropelm_demo_plugin`` with pip, once per test session, so tests
 can check that an installed ``ropelm`` entry point is found. pip installs it
@@ -13,10 +15,11 @@ from __future__ import annotations
 
 import importlib
 import os
+import re
 import shutil
 import subprocess
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -98,3 +101,17 @@ def demo_plugin(tmp_path_factory: pytest.TempPathFactory) -> Iterator[InstalledP
             del sys.modules[name]
         importlib.invalidate_caches()
         shutil.rmtree(site_dir, ignore_errors=True)
+
+
+def _assert_one_sentence(message: str) -> None:
+    """No line break and no sentence end before the final period (quoted names aside)."""
+    unquoted = re.sub(r"'[^']*'", "''", message)
+    assert "\n" not in message, message
+    assert unquoted.endswith("."), message
+    assert not re.search(r"[.?!]\s+[A-Z]", unquoted), f"more than one sentence: {message}"
+
+
+@pytest.fixture
+def assert_one_sentence() -> Callable[[str], None]:
+    """Check that a user-facing error message is one sentence (the errors.py rule)."""
+    return _assert_one_sentence

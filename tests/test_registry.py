@@ -39,14 +39,6 @@ SMALL_MODEL = {
 }
 
 
-def assert_one_sentence(message: str) -> None:
-    """No line break and no sentence end before the final period (quoted names aside)."""
-    unquoted = re.sub(r"'[^']*'", "''", message)
-    assert "\n" not in message, message
-    assert unquoted.endswith("."), message
-    assert not re.search(r"[.?!]\s+[A-Z]", unquoted), f"more than one sentence: {message}"
-
-
 def write_plugin(path: Path, body: str) -> Path:
     """Write a plugin module: ``body`` goes inside ``ropelm_register_attention(register)``."""
     path.write_text(
@@ -84,7 +76,9 @@ def test_builtins_are_registered_with_their_source():
 
 
 @pytest.mark.parametrize(("typo", "match"), [("RoPE-MS", "RoPE-SM"), ("rope_sm", "RoPE-SM")])
-def test_unknown_att_type_is_one_sentence_with_names_and_closest_match(typo, match):
+def test_unknown_att_type_is_one_sentence_with_names_and_closest_match(
+    typo, match, assert_one_sentence
+):
     registry = Registry.default()
     with pytest.raises(UnknownAttentionError) as info:
         registry.get(typo)
@@ -111,7 +105,7 @@ def test_unknown_att_type_surfaces_through_model_and_config():
 # -- duplicates and broken plugins ------------------------------------------------------------
 
 
-def test_duplicate_name_across_plugins_names_both_sources(tmp_path):
+def test_duplicate_name_across_plugins_names_both_sources(tmp_path, assert_one_sentence):
     first = write_plugin(tmp_path / "first.py", 'register(spec("Twin"))')
     second = write_plugin(tmp_path / "second.py", 'register(spec("Twin"))')
     registry = Registry()
@@ -129,7 +123,7 @@ def test_duplicate_of_a_builtin_names_the_builtin(tmp_path):
         Registry.default([clash])
 
 
-def test_register_with_something_else_than_a_spec_names_the_plugin(tmp_path):
+def test_register_with_something_else_than_a_spec_names_the_plugin(tmp_path, assert_one_sentence):
     bad = write_plugin(tmp_path / "not_a_spec.py", 'register({"name": "Dict-Attn"})')
     with pytest.raises(PluginError) as info:
         Registry().load_module(bad)
