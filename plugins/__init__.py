@@ -9,4 +9,6 @@ BUILTIN_MODULES: tuple[str, ...] = (
     "ropelm.plugins.rope_sm_complex",
     "ropelm.plugins.nope",
     "ropelm.plugins.alibi",
+    "ropelm.plugins.learned_ape",
+    "ropelm.plugins.sinusoidal_ape",
 )

@@ -73,7 +73,8 @@ class AttentionSpec:
         capabilities: what the variant supports (see :class:`Capabilities`).
         position_embedding: optional ``factory(config, options)`` for a module that
             maps positions ``(T,)`` to embeddings ``(T, C)`` added to the token
-            embeddings (absolute-position variants).
+            embeddings (absolute-position variants). The model casts them to the
+            token embeddings' dtype, so a parameter-free embedding may return float32.
     """
 
     name: str

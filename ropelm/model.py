@@ -158,7 +158,9 @@ class TransformerLM(nn.Module):
         x = self.tok_emb(idx)  # (B, T, C)
         if self.pos_emb is not None:
             positions = torch.arange(start, start + T, device=idx.device)
-            x = x + self.pos_emb(positions)  # (T, C) broadcast over B
+            # (T, C) broadcast over B, in the token embeddings' dtype: a parameter-free
+            # embedding (sinusoids) computes in float32 whatever dtype the model is in
+            x = x + self.pos_emb(positions).to(x.dtype)
         x = self.drop(x)
         for i, block in enumerate(self.blocks):
             x = block(x, state.caches[i] if state is not None else None)

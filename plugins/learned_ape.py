@@ -1,0 +1,86 @@
+"""Learned-APE: learned absolute position embeddings (GPT-2 style) + causal softmax.
+
+Radford et al., 2019, "Language Models are Unsupervised Multitask Learners"
+(https://cdn.openai.com/better-language-models/language_models_are_unsupervised_multitask_learners.pdf);
+learned position embeddings go back to Gehring et al., 2017 (https://arxiv.org/abs/1705.03122).
+
+A table ``nn.Embedding(block_size, C)`` adds one trained vector per position to
+the token embeddings at the model input (through ``AttentionSpec.position_embedding``;
+the state-dict key is ``pos_emb.weight``). Attention itself carries no position
+(NoPE-style SelfAttention). Positions >= block_size have no embedding, so the
+variant does not extrapolate: asking for one raises a ``ConfigError`` instead of
+an index error (or a device-side assert on CUDA).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+from torch import nn
+
+import ropelm
+from ropelm.attention import SelfAttention, check_n_kv_head
+from ropelm.errors import ConfigError
+from ropelm.model import ModelConfig
+
+
+@dataclasses.dataclass(frozen=True)
+class LearnedAPEOptions:
+    """``model.att_options`` of Learned-APE.
+
+    Attributes:
+        n_kv_head: key/value heads for grouped-query attention (None: n_head).
+    """
+
+    n_kv_head: int | None = None
+
+    def __post_init__(self) -> None:
+        check_n_kv_head(self.n_kv_head)
+
+
+class LearnedPositionEmbedding(nn.Embedding):
+    """Positions (T,) -> (T, C) from a trained table of ``block_size`` rows."""
+
+    def forward(self, positions: torch.Tensor) -> torch.Tensor:
+        # One host sync per forward for a clear error; skipped under torch.compile.
+        if positions.numel() and not torch.compiler.is_compiling():
+            low, high = int(positions.min()), int(positions.max())
+            size = self.num_embeddings
+            if low < 0 or high >= size:
+                raise ConfigError(
+                    f"Learned-APE has position embeddings for positions 0..{size - 1} "
+                    f"(model.block_size = {size}) but was asked for position "
+                    f"{high if high >= size else low}; keep sequences within block_size or "
+                    "use a variant that extrapolates (e.g. Sinusoidal-APE, ALiBi, RoPE-SM)."
+                )
+        return super().forward(positions)  # (T, C)
+
+
+def build(config: ModelConfig, options: LearnedAPEOptions | None) -> SelfAttention:
+    options = options if options is not None else LearnedAPEOptions()
+    return SelfAttention(config, n_kv_head=options.n_kv_head)
+
+
+def build_position_embedding(
+    config: ModelConfig, options: LearnedAPEOptions | None
+) -> LearnedPositionEmbedding:
+    return LearnedPositionEmbedding(config.block_size, config.n_embd)
+
+
+@ropelm.hookimpl
+def ropelm_register_attention(register):
+    register(
+        ropelm.AttentionSpec(
+            name="Learned-APE",
+            description="Learned absolute position embeddings at the input (GPT-2) + softmax.",
+            reference="https://cdn.openai.com/better-language-models/"
+            "language_models_are_unsupervised_multitask_learners.pdf",
+            factory=build,
+            options=LearnedAPEOptions,
+            capabilities=ropelm.Capabilities(
+                causal=True, kv_cache=True, extrapolates=False, input_position_embedding=True
+            ),
+            position_embedding=build_position_embedding,
+        )
+    )

@@ -1,0 +1,122 @@
+"""Sinusoidal-APE: fixed sinusoidal absolute position embeddings + causal softmax.
+
+Attention Is All You Need, Vaswani et al., 2017, section 3.5.
+https://arxiv.org/abs/1706.03762
+
+At the model input each position m gets (through ``AttentionSpec.position_embedding``)::
+
+    PE(m, 2i)     = scale * sin(m / base ** (2i / C))
+    PE(m, 2i + 1) = scale * cos(m / base ** (2i / C))
+
+added to the token embeddings; attention itself is NoPE-style causal softmax.
+There are no parameters, and any position can be computed, so the variant
+runs beyond ``block_size`` (extrapolates). The table is computed in float64,
+kept in float32 per device and grown on demand (not a buffer: ``Module.to``
+must not round it to bf16, checkpoints must not hold it); the model casts the
+sum to the token embeddings' dtype.
+
+``scale`` defaults to the paper's amplitude 1. Note that the paper also
+multiplies token embeddings by sqrt(C), which ropelm's shared model does not (its
+token embeddings start at std 0.02), so at initialisation the position signal
+dominates the input; ``scale`` lets a study match the two magnitudes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+from torch import nn
+
+import ropelm
+from ropelm.attention import SelfAttention, check_n_kv_head
+from ropelm.errors import ConfigError
+from ropelm.model import ModelConfig
+
+
+@dataclasses.dataclass(frozen=True)
+class SinusoidalAPEOptions:
+    """``model.att_options`` of Sinusoidal-APE.
+
+    Attributes:
+        n_kv_head: key/value heads for grouped-query attention (None: n_head).
+        base: wavelength base (the paper's 10000).
+        scale: amplitude of the embedding (the paper's 1).
+    """
+
+    n_kv_head: int | None = None
+    base: float = 10000.0
+    scale: float = 1.0
+
+    def __post_init__(self) -> None:
+        check_n_kv_head(self.n_kv_head)
+        if not self.base > 1.0:
+            raise ValueError(f"base must be > 1, got {self.base}")
+        if not self.scale > 0.0:
+            raise ValueError(f"scale must be > 0, got {self.scale}")
+
+
+def sinusoidal_table(length: int, dim: int, base: float = 10000.0) -> torch.Tensor:
+    """The embeddings of positions 0..length-1, shape (length, dim), float64, amplitude 1."""
+    positions = torch.arange(length, dtype=torch.float64)[:, None]  # (T, 1)
+    inv_freq = base ** (-torch.arange(0, dim, 2, dtype=torch.float64) / dim)  # (C/2,)
+    angles = positions * inv_freq  # (T, C/2)
+    return torch.stack((angles.sin(), angles.cos()), dim=-1).flatten(-2)  # (T, C) interleaved
+
+
+class SinusoidalPositionEmbedding(nn.Module):
+    """Positions (T,) -> (T, C) float32 sinusoids; no parameters, any position."""
+
+    def __init__(self, dim: int, base: float = 10000.0, scale: float = 1.0) -> None:
+        super().__init__()
+        self.dim, self.base, self.scale = dim, base, scale
+        self._tables: dict[torch.device, torch.Tensor] = {}
+
+    def forward(self, positions: torch.Tensor) -> torch.Tensor:
+        if positions.numel() == 0:
+            return positions.new_zeros((0, self.dim), dtype=torch.float32)
+        needed = int(positions.max()) + 1  # host sync, like RoPE's table growth
+        table = self._tables.get(positions.device)
+        if table is None or table.size(0) < needed:
+            length = max(needed, 2 * table.size(0) if table is not None else needed)
+            table = (self.scale * sinusoidal_table(length, self.dim, self.base)).float()
+            table = table.to(positions.device)
+            self._tables[positions.device] = table
+        return table[positions]  # (T, C)
+
+    def extra_repr(self) -> str:
+        return f"dim={self.dim}, base={self.base}, scale={self.scale}"
+
+
+def build(config: ModelConfig, options: SinusoidalAPEOptions | None) -> SelfAttention:
+    options = options if options is not None else SinusoidalAPEOptions()
+    return SelfAttention(config, n_kv_head=options.n_kv_head)
+
+
+def build_position_embedding(
+    config: ModelConfig, options: SinusoidalAPEOptions | None
+) -> SinusoidalPositionEmbedding:
+    options = options if options is not None else SinusoidalAPEOptions()
+    if config.n_embd % 2:
+        raise ConfigError(
+            f"model.n_embd: Sinusoidal-APE pairs sine and cosine features, so n_embd must be "
+            f"even; got {config.n_embd}."
+        )
+    return SinusoidalPositionEmbedding(config.n_embd, options.base, options.scale)
+
+
+@ropelm.hookimpl
+def ropelm_register_attention(register):
+    register(
+        ropelm.AttentionSpec(
+            name="Sinusoidal-APE",
+            description="Fixed sinusoidal absolute positions at the input (Vaswani) + softmax.",
+            reference="https://arxiv.org/abs/1706.03762",
+            factory=build,
+            options=SinusoidalAPEOptions,
+            capabilities=ropelm.Capabilities(
+                causal=True, kv_cache=True, extrapolates=True, input_position_embedding=True
+            ),
+            position_embedding=build_position_embedding,
+        )
+    )
