@@ -11,7 +11,7 @@ from typing import Any
 
 from ropelm.config import ExperimentConfig
 from ropelm.data import prepare_data
-from ropelm.distributed import context_from_env
+from ropelm.distributed import init_distributed, resolve_device
 from ropelm.engine import train
 from ropelm.runs import RunDir
 from ropelm.tokenizer import train_tokenizer
@@ -30,9 +30,13 @@ def run_experiment(
 ) -> dict[str, Any]:
     """Run every stage of ``config``; returns the training summary."""
     run_dir = RunDir(out_dir or default_run_dir(config))
-    is_main = context_from_env().is_main
-    if is_main:
+    dist_ctx = init_distributed(resolve_device(config.train.device))
+    if dist_ctx.is_main:  # one process builds the caches, the others then reuse them
         run_dir.claim(config, resume=resume)
-    tokenizer = train_tokenizer(config, progress=progress and is_main)
-    data = prepare_data(config, tokenizer, progress=progress and is_main)
+        tokenizer = train_tokenizer(config, progress=progress)
+        data = prepare_data(config, tokenizer, progress=progress)
+    dist_ctx.barrier()
+    if not dist_ctx.is_main:
+        tokenizer = train_tokenizer(config, progress=False)
+        data = prepare_data(config, tokenizer, progress=False)
     return train(config, data, tokenizer, run_dir, resume=resume, progress=progress)
