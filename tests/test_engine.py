@@ -1,0 +1,213 @@
+"""End-to-end training: summary, checkpoints, exact resume after SIGKILL, failures."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+from ropelm.checkpoint import load_model, resolve_checkpoint
+from ropelm.config import load_experiment
+from ropelm.engine import TrainingError
+from ropelm.errors import ConfigError
+from ropelm.pipeline import run_experiment
+
+CLI = [sys.executable, "-m", "ropelm.cli"]
+
+
+def tiny_experiment(cache_dir: Path, **train: object) -> dict:
+    return {
+        "name": "tiny",
+        "model": {
+            "block_size": 32,
+            "vocab_size": 512,
+            "n_layer": 2,
+            "n_head": 2,
+            "n_embd": 32,
+            "dropout": 0.1,
+        },
+        "tokenizer": {"max_documents": 300},
+        "data": {"source": "wiki-sample", "max_documents": 400, "cache_dir": str(cache_dir)},
+        "train": {
+            "max_steps": 24,
+            "batch_size": 4,
+            "learning_rate": 3e-3,
+            "warmup_steps": 2,
+            "eval_every": 8,
+            "log_every": 4,
+            **train,
+        },
+        "eval": {"max_batches": 4},
+    }
+
+
+def write_yaml(path: Path, raw: dict) -> Path:
+    path.write_text(yaml.safe_dump(raw))
+    return path
+
+
+@pytest.fixture(scope="module")
+def cache_dir(tmp_path_factory) -> Path:
+    """Tokenizer and token files shared by the tests of this module (built once)."""
+    return tmp_path_factory.mktemp("data_cache")
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory, cache_dir) -> tuple[Path, dict]:
+    root = tmp_path_factory.mktemp("run")
+    config = load_experiment(write_yaml(root / "tiny.yaml", tiny_experiment(cache_dir)))
+    summary = run_experiment(config, out_dir=root / "run", progress=False)
+    return root / "run", summary
+
+
+def test_run_writes_summary_metrics_and_checkpoints(finished_run):
+    run_dir, summary = finished_run
+    saved = json.loads((run_dir / "summary.json").read_text())
+    assert saved == json.loads(json.dumps(summary))
+    for key in ("att_type", "n_params", "tokens_seen", "best_val_loss", "final_val_ppl",
+                "train_tokens_per_s", "train_time_s", "versions"):  # fmt: skip
+        assert key in saved
+    assert saved["att_type"] == "RoPE-SM"
+    assert saved["tokens_seen"] == 24 * 4 * 32
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    evals = [r for r in rows if "val_loss" in r]
+    assert [r["step"] for r in evals] == [8, 16, 24]
+    assert saved["best_val_loss"] == min(r["val_loss"] for r in evals)
+    assert evals[-1]["val_loss"] < evals[0]["val_loss"]
+    assert (run_dir / "config.yaml").is_file() and (run_dir / "environment.json").is_file()
+    best = resolve_checkpoint(run_dir, "best")
+    assert {p.name for p in best.iterdir()} >= {
+        "model.safetensors", "tokenizer.json", "trainer.pt", "checkpoint.json",
+    }  # fmt: skip
+
+
+def test_best_checkpoint_reproduces_the_reported_validation_loss(finished_run):
+    run_dir, summary = finished_run
+    model = load_model(run_dir)
+    assert model.config.pad_token_id is not None
+    assert model.num_parameters() == summary["n_params"]
+
+
+def test_rerunning_into_the_same_directory_is_refused(finished_run, cache_dir, tmp_path):
+    run_dir, _ = finished_run
+    same = load_experiment(write_yaml(tmp_path / "a.yaml", tiny_experiment(cache_dir)))
+    with pytest.raises(ConfigError, match="already holds a run of this experiment"):
+        run_experiment(same, out_dir=run_dir, progress=False)
+    other = load_experiment(
+        write_yaml(tmp_path / "b.yaml", tiny_experiment(cache_dir, batch_size=8))
+    )
+    with pytest.raises(ConfigError, match=r"different experiment \(train\.batch_size"):
+        run_experiment(other, out_dir=run_dir, progress=False)
+
+
+def _final_weights(run_dir: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(resolve_checkpoint(run_dir, "last") / "model.safetensors"))
+
+
+def _last_step(run_dir: Path) -> int:
+    pointer = run_dir / "checkpoints" / "last.json"
+    try:
+        return json.loads(pointer.read_text())["step"]
+    except (OSError, ValueError):
+        return 0
+
+
+def test_resume_after_sigkill_matches_an_uninterrupted_run_bitwise(tmp_path, cache_dir):
+    raw = tiny_experiment(cache_dir, max_steps=60, save_every=5, eval_every=20)
+    raw["model"].update(n_embd=64, n_head=4)  # slow enough to be killed midway
+    config_path = write_yaml(tmp_path / "exp.yaml", raw)
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+
+    subprocess.run([*CLI, "run", str(config_path), "--out", str(tmp_path / "full"), "--quiet"],
+                   check=True, env=env, capture_output=True)  # fmt: skip
+
+    killed = tmp_path / "killed"
+    proc = subprocess.Popen(
+        [*CLI, "run", str(config_path), "--out", str(killed), "--quiet"],
+        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    deadline = time.monotonic() + 120
+    while _last_step(killed) < 10 and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    killed_at = _last_step(killed)
+    assert 10 <= killed_at < 60, "the run must be killed midway"
+    assert not (killed / "summary.json").exists()
+
+    subprocess.run([*CLI, "run", str(config_path), "--resume", str(killed), "--quiet"],
+                   check=True, env=env, capture_output=True)  # fmt: skip
+    full, resumed = _final_weights(tmp_path / "full"), _final_weights(killed)
+    assert full.keys() == resumed.keys()
+    for name in full:
+        assert torch.equal(full[name], resumed[name]), name
+    steps = [json.loads(r)["step"] for r in (killed / "metrics.jsonl").read_text().splitlines()]
+    assert steps == sorted(steps), "metrics logged after the checkpoint were not duplicated"
+
+
+NAN_PLUGIN = '''
+import torch
+import ropelm
+from ropelm.plugins.rope_sm import RoPEAttention
+
+
+class NaNAfterTenCalls(RoPEAttention):
+    """RoPE-SM that starts emitting NaN in training after a few forward passes."""
+
+    def forward(self, x, cache=None):
+        self.calls = getattr(self, "calls", 0) + self.training
+        y = super().forward(x, cache)
+        return y * float("nan") if self.calls > 10 else y
+
+
+@ropelm.hookimpl
+def ropelm_register_attention(register):
+    register(ropelm.AttentionSpec(
+        name="NaN-After-10", description="test", reference="",
+        factory=lambda config, options: NaNAfterTenCalls(config),
+    ))
+'''
+
+
+def test_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path, cache_dir):
+    (tmp_path / "nan_plugin.py").write_text(NAN_PLUGIN)
+    raw = tiny_experiment(cache_dir, max_steps=30, eval_every=5)
+    raw["plugins"] = ["nan_plugin.py"]
+    raw["model"]["att_type"] = "NaN-After-10"
+    config = load_experiment(write_yaml(tmp_path / "nan.yaml", raw))
+    with pytest.raises(TrainingError, match=r"became nan at step 11; stopped without saving"):
+        run_experiment(config, out_dir=tmp_path / "run", progress=False)
+    last = resolve_checkpoint(tmp_path / "run", "last")
+    assert json.loads((last / "checkpoint.json").read_text())["step"] == 10
+    weights = load_file(str(last / "model.safetensors"))
+    assert all(torch.isfinite(t).all() for t in weights.values())
+
+
+def test_ctrl_c_saves_a_resumable_checkpoint(tmp_path, cache_dir):
+    raw = tiny_experiment(cache_dir, max_steps=400, eval_every=1000)
+    raw["model"].update(n_embd=64, n_head=4)
+    config_path = write_yaml(tmp_path / "exp.yaml", raw)
+    run_dir = tmp_path / "run"
+    proc = subprocess.Popen(
+        [*CLI, "run", str(config_path), "--out", str(run_dir)],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    deadline = time.monotonic() + 120
+    while not (run_dir / "metrics.jsonl").exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 1
+    assert "Traceback" not in err
+    assert f"continue with --resume {run_dir}" in err
+    step = _last_step(run_dir)
+    assert 0 < step < 400
