@@ -11,4 +11,5 @@ BUILTIN_MODULES: tuple[str, ...] = (
     "ropelm.plugins.alibi",
     "ropelm.plugins.learned_ape",
     "ropelm.plugins.sinusoidal_ape",
+    "ropelm.plugins.rope_linear",
 )
