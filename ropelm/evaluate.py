@@ -27,18 +27,21 @@ def evaluate_loss(
     """Mean next-token cross-entropy over the evaluation windows of ``token_file``.
 
     Windows are non-overlapping and cover the split once (up to ``max_batches``
-    batches). Under torchrun each process takes every world_size-th batch and the
-    sums are reduced, so the result equals the single-process one.
+    batches). As in training, ``batch_size`` is per process: under torchrun the
+    processes split global batches of ``batch_size * world_size`` windows and the
+    sums are reduced, so N processes with batch_size b evaluate exactly the
+    windows one process with batch_size N*b does.
     """
     dist_ctx = dist_ctx or DistributedContext()
     was_training = model.training
     model.eval()
     total = torch.zeros(2, dtype=torch.float64, device=device)  # (sum of losses, tokens)
-    batches = token_file.eval_batches(batch_size, block_size, max_batches)
-    for i, (x, y) in enumerate(batches):
-        if i % dist_ctx.world_size != dist_ctx.rank:
+    lo, hi = dist_ctx.rank * batch_size, (dist_ctx.rank + 1) * batch_size
+    global_batch = batch_size * dist_ctx.world_size
+    for x, y in token_file.eval_batches(global_batch, block_size, max_batches):
+        x, y = x[lo:hi].to(device), y[lo:hi].to(device)
+        if x.numel() == 0:  # the last, partial batch may not reach every process
             continue
-        x, y = x.to(device), y.to(device)
         with autocast():
             _, loss = model(x, y)
         n = y.numel()
