@@ -128,8 +128,14 @@ class _State:
     tokens_seen: int = 0
     best_val_loss: float | None = None
     train_time: float = 0.0
+    wall_time: float = 0.0  # of earlier sessions of this run (resume)
+    session_start: float = field(default_factory=time.perf_counter)
     stop_requested: bool = False
     last_eval: dict[str, Any] = field(default_factory=dict)
+
+    def wall(self) -> float:
+        """Wall-clock seconds of the whole run so far, over every resumed session."""
+        return self.wall_time + time.perf_counter() - self.session_start
 
 
 @contextlib.contextmanager
@@ -178,6 +184,8 @@ def train(
     registry = registry or config.registry()
     model_config = resolve_model_config(config, tokenizer.vocab_size, tokenizer.pad_id)
     block_size = model_config.block_size
+    for split in (data.train, data.val):  # fail now, not after an epoch, if a split is too small
+        split.num_eval_windows(block_size)
     plan = StepPlan.build(tc, block_size, len(data.train), dist_ctx.world_size)
 
     torch.manual_seed(tc.seed)
@@ -296,8 +304,12 @@ def train(
                 save(("last",))
                 window_start = time.perf_counter()
 
-    return _finish(config, run_dir, model, model_config, plan, state, registry, evaluate, device,
-                   dist_ctx)  # fmt: skip
+    summary = _finish(config, run_dir, model, model_config, state, registry, evaluate, device,
+                      dist_ctx)  # fmt: skip
+    summary["wall_time_s"] = state.wall()
+    if dist_ctx.is_main:
+        run_dir.write_summary(summary)
+    return summary
 
 
 def _train_step(
@@ -353,6 +365,7 @@ def _trainer_state(
         "tokens_seen": state.tokens_seen,
         "best_val_loss": state.best_val_loss,
         "train_time": state.train_time,
+        "wall_time": state.wall(),
         "last_eval": dict(state.last_eval),
         "optimizer": optimizer.state_dict(),
         "scaler": scaler.state_dict(),
@@ -385,6 +398,7 @@ def _restore(
     state.tokens_seen = saved["tokens_seen"]
     state.best_val_loss = saved["best_val_loss"]
     state.train_time = saved["train_time"]
+    state.wall_time = saved["wall_time"]
     state.last_eval = dict(saved["last_eval"])
 
 
@@ -393,14 +407,13 @@ def _finish(
     run_dir: RunDir,
     model: TransformerLM,
     model_config: ModelConfig,
-    plan: StepPlan,
     state: _State,
     registry: Registry,
     evaluate: Callable[[], float],
     device: torch.device,
     dist_ctx: DistributedContext,
 ) -> dict[str, Any]:
-    """Evaluate the best checkpoint once more and write ``summary.json``."""
+    """Evaluate the best checkpoint once more and gather the summary."""
     import ropelm
 
     best_dir = resolve_checkpoint(run_dir.path, "best")
@@ -428,6 +441,4 @@ def _finish(
         },
         "best_checkpoint": str(best_dir),
     }
-    if dist_ctx.is_main:
-        run_dir.write_summary(summary)
     return summary

@@ -18,7 +18,7 @@ from safetensors.torch import load_file
 from ropelm.checkpoint import load_model, resolve_checkpoint
 from ropelm.config import load_experiment
 from ropelm.engine import TrainingError
-from ropelm.errors import ConfigError
+from ropelm.errors import ConfigError, DataError
 from ropelm.pipeline import run_experiment
 
 CLI = [sys.executable, "-m", "ropelm.cli"]
@@ -74,7 +74,7 @@ def test_run_writes_summary_metrics_and_checkpoints(finished_run):
     saved = json.loads((run_dir / "summary.json").read_text())
     assert saved == json.loads(json.dumps(summary))
     for key in ("att_type", "n_params", "tokens_seen", "best_val_loss", "final_val_ppl",
-                "train_tokens_per_s", "train_time_s", "versions"):  # fmt: skip
+                "train_tokens_per_s", "train_time_s", "wall_time_s", "versions"):  # fmt: skip
         assert key in saved
     assert saved["att_type"] == "RoPE-SM"
     assert saved["tokens_seen"] == 24 * 4 * 32
@@ -211,3 +211,12 @@ def test_ctrl_c_saves_a_resumable_checkpoint(tmp_path, cache_dir):
     assert f"continue with --resume {run_dir}" in err
     step = _last_step(run_dir)
     assert 0 < step < 400
+
+
+def test_block_size_beyond_the_data_fails_before_training(tmp_path, cache_dir):
+    raw = tiny_experiment(cache_dir)
+    raw["model"]["block_size"] = 200_000
+    config = load_experiment(write_yaml(tmp_path / "big.yaml", raw))
+    with pytest.raises(DataError, match=r"split has \d+ tokens, fewer than one window"):
+        run_experiment(config, out_dir=tmp_path / "run", progress=False)
+    assert not (tmp_path / "run" / "checkpoints").exists()
