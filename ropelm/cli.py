@@ -271,6 +271,39 @@ def run_command(
     _print_summary(summary)
 
 
+@main.command("train")
+@experiment_argument
+@set_option
+@run_dir_option
+@resume_option
+@quiet_option
+def train_command(
+    experiment: Path,
+    overrides: tuple[str, ...],
+    out_dir: Path | None,
+    resume_dir: Path | None,
+    quiet: bool,
+) -> None:
+    """Run only the training stage, on the tokenizer and token files built by `prepare`.
+
+    \b
+    Example:
+      ropelm-exp prepare experiments/quickstart.yaml
+      ropelm-exp train experiments/quickstart.yaml --set train.learning_rate=1e-3 --out runs/lr
+    """
+    from ropelm.pipeline import train_only
+
+    config = load_experiment(experiment, overrides)
+    summary = train_only(
+        config,
+        out_dir=resume_dir or out_dir,
+        resume=resume_dir is not None,
+        progress=not quiet,
+        experiment=str(experiment),
+    )
+    _print_summary(summary)
+
+
 @main.command("generate")
 @click.argument("run_dir", type=click.Path(exists=True, path_type=Path), metavar="RUN_DIR")
 @click.option("--prompt", default="", help="Text to continue (default: a new document).")

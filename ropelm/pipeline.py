@@ -10,15 +10,54 @@ from pathlib import Path
 from typing import Any
 
 from ropelm.config import ExperimentConfig
-from ropelm.data import prepare_data
+from ropelm.data import PreparedData, load_prepared, prepare_data, tokens_dir
 from ropelm.distributed import init_distributed, resolve_device
 from ropelm.engine import train
+from ropelm.errors import DataError
 from ropelm.runs import RunDir
-from ropelm.tokenizer import train_tokenizer
+from ropelm.tokenizer import TokenizerInfo, tokenizer_info, tokenizer_path, train_tokenizer
 
 
 def default_run_dir(config: ExperimentConfig) -> Path:
     return Path("runs") / config.name
+
+
+def cached_stages(
+    config: ExperimentConfig, experiment: str = "EXPERIMENT.yaml"
+) -> tuple[TokenizerInfo, PreparedData]:
+    """The tokenizer and token files built earlier for ``config``; an error if there are none."""
+    path = tokenizer_path(config)
+    if not path.is_file():
+        raise DataError(
+            f"No tokenizer for this experiment in {config.data.cache_dir}; build it with "
+            f"`ropelm-exp prepare {experiment}` (or run everything with `ropelm-exp run`)."
+        )
+    tokenizer = tokenizer_info(path)
+    directory = tokens_dir(config, tokenizer)
+    if not directory.is_dir():
+        raise DataError(
+            f"No token files for this experiment in {config.data.cache_dir}; build them with "
+            f"`ropelm-exp prepare {experiment}` (or run everything with `ropelm-exp run`)."
+        )
+    return tokenizer, load_prepared(directory, tokenizer)
+
+
+def train_only(
+    config: ExperimentConfig,
+    *,
+    out_dir: Path | None = None,
+    resume: bool = False,
+    progress: bool = True,
+    experiment: str = "EXPERIMENT.yaml",
+) -> dict[str, Any]:
+    """The training stage alone, on the tokenizer and token files prepared earlier."""
+    run_dir = RunDir(out_dir or default_run_dir(config))
+    dist_ctx = init_distributed(resolve_device(config.train.device))
+    tokenizer, data = cached_stages(config, experiment)
+    if dist_ctx.is_main:
+        run_dir.claim(config, resume=resume)
+    dist_ctx.barrier()
+    return train(config, data, tokenizer, run_dir, resume=resume, progress=progress)
 
 
 def run_experiment(
