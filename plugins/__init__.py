@@ -12,4 +12,5 @@ BUILTIN_MODULES: tuple[str, ...] = (
     "ropelm.plugins.learned_ape",
     "ropelm.plugins.sinusoidal_ape",
     "ropelm.plugins.rope_linear",
+    "ropelm.plugins.rope_sliding",
 )
