@@ -43,7 +43,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 
@@ -179,14 +179,42 @@ def apply_rotary_emb(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> t
 
     The rotation runs in the tables' precision (x is upcast if it is narrower)
     and the result has x's dtype.
+
+    The backward pass is the transposed rotation (the same three kernels with
+    ``-sin``) instead of autograd's trace of the forward pass, which costs ~10
+    elementwise kernels; tables that require grad fall back to that trace.
     """
+    if torch.is_grad_enabled() and (cos.requires_grad or sin.requires_grad):
+        return _rotate(x, cos, sin)
+    return _Rotate.apply(x, cos, sin)
+
+
+def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """The rotation itself: one full-width multiply and two multiply-adds on the pairs."""
     compute_dtype = torch.promote_types(x.dtype, cos.dtype)
-    pairs = x.to(compute_dtype).unflatten(-1, (-1, 2))  # (B, nh, T, hs/2, 2)
-    x_even, x_odd = pairs.unbind(-1)  # (B, nh, T, hs/2) each
-    rotated = torch.stack(
-        (x_even * cos - x_odd * sin, x_even * sin + x_odd * cos), dim=-1
-    )  # (B, nh, T, hs/2, 2)
-    return rotated.flatten(-2).to(x.dtype)  # (B, nh, T, hs)
+    x_c = x.to(compute_dtype)
+    # x_j * cos(theta_{j // 2}) for every feature j; the interleaved table keeps the
+    # innermost loop contiguous (a broadcast over the pair axis of size 2 would not).
+    out = x_c * cos.repeat_interleave(2, dim=-1)  # (B, nh, T, hs), laid out like x
+    # (B, nh, T, hs/2) strided views; slices, not unbind, so autograd allows the in-place
+    # updates when it traces this function (tables that require grad, double backward)
+    out[..., 0::2].addcmul_(x_c[..., 1::2], sin, value=-1)  # x'_2i = x_2i cos - x_2i+1 sin
+    out[..., 1::2].addcmul_(x_c[..., 0::2], sin)  # x'_2i+1 = x_2i sin + x_2i+1 cos
+    return out.to(x.dtype)
+
+
+class _Rotate(torch.autograd.Function):
+    """RoPE rotation whose gradient is the transposed rotation: R(theta)^T = R(-theta)."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(cos, sin)
+        return _rotate(x, cos, sin)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None, None]:
+        cos, sin = ctx.saved_tensors
+        return _rotate(grad, cos, -sin), None, None
 
 
 class RopeTables:
