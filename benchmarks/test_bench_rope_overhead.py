@@ -1,0 +1,114 @@
+"""How much does the RoPE rotation cost? RoPE-SM vs the same layer without rotation.
+
+Run with::
+
+    .venv/bin/python -m pytest benchmarks/test_bench_rope_overhead.py --benchmark-only
+
+At the reference sizes (n_embd 768, n_head 12, batch 1, float32 on the CPU) and
+T = 256, 512, 1024, it times forward + backward of one RoPE-SM attention layer
+and of the same layer with ``position_qk`` returning q, k unchanged (same
+weights, same projections, same SDPA call). Both layers run in the same test,
+interleaved round by round (in alternating order, ABBA), so drift of a shared
+machine hits both alike. The ratio RoPE / no-rotation per T is the median of
+the per-round ratios; it is stored in the benchmark's ``extra_info`` and
+printed as a table at the end. Target: <= 1.15.
+
+Threads: 1 by default (``ROPELM_BENCH_THREADS=2`` to change). On a shared
+2-core machine, two threads spend much of every small elementwise kernel
+waiting for each other; that inflates the rotation's kernels far more than the
+matmuls and turns the ratio into noise (1.4-2.5 seen with 2 threads, against
+1.03-1.04 with one). One thread measures the work the rotation adds.
+"""
+
+from __future__ import annotations
+
+import os
+import statistics
+import time
+from typing import Any
+
+import pytest
+import torch
+from ropelm.plugins.rope_sm import RoPEAttention
+
+from ropelm import ModelConfig, Registry
+
+N_EMBD, N_HEAD, BATCH = 768, 12, 1
+LENGTHS = (256, 512, 1024)
+WARMUP_ROUNDS, ROUNDS = 3, 15
+THREADS = int(os.environ.get("ROPELM_BENCH_THREADS", "1"))
+TARGET = 1.15
+TABLE = "RoPE overhead: forward+backward of one attention layer, CPU float32 (target <= 1.15)"
+
+
+class NoRotationAttention(RoPEAttention):
+    """RoPE-SM with the rotation removed: everything else identical."""
+
+    def position_qk(
+        self, q: torch.Tensor, k: torch.Tensor, start: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        return q, k
+
+
+def make_layers(length: int) -> dict[str, torch.nn.Module]:
+    config = ModelConfig(block_size=length, n_embd=N_EMBD, n_head=N_HEAD, dropout=0.0)
+    spec = Registry.default().get("RoPE-SM")
+    torch.manual_seed(0)
+    rope = spec.factory(config, spec.parse_options(config.att_options))
+    assert type(rope) is RoPEAttention
+    plain = NoRotationAttention(config)
+    plain.load_state_dict(rope.state_dict())
+    return {"rope": rope.train(), "no-rotation": plain.train()}
+
+
+def forward_backward(layer: torch.nn.Module, x: torch.Tensor, grad: torch.Tensor) -> None:
+    """One training step's worth of attention work: forward, backward to weights and input."""
+    layer.zero_grad(set_to_none=True)
+    x.grad = None
+    layer(x).backward(grad)
+
+
+@pytest.mark.parametrize("length", LENGTHS, ids=[f"T{t}" for t in LENGTHS])
+def test_rope_overhead(benchmark: Any, ratio_rows: dict, length: int) -> None:
+    threads = torch.get_num_threads()
+    torch.set_num_threads(THREADS)
+    try:
+        measure(benchmark, ratio_rows, length)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def measure(benchmark: Any, ratio_rows: dict, length: int) -> None:
+    layers = make_layers(length)
+    generator = torch.Generator().manual_seed(1)
+    x = torch.randn(BATCH, length, N_EMBD, generator=generator).requires_grad_(True)
+    grad = torch.randn(BATCH, length, N_EMBD, generator=generator)
+    times: dict[str, list[float]] = {name: [] for name in layers}
+    calls = 0
+
+    def one_round() -> None:
+        nonlocal calls
+        order = list(layers) if calls % 2 == 0 else list(reversed(layers))
+        calls += 1
+        for name in order:
+            start = time.perf_counter()
+            forward_backward(layers[name], x, grad)
+            times[name].append(time.perf_counter() - start)
+
+    benchmark.pedantic(one_round, rounds=ROUNDS, warmup_rounds=WARMUP_ROUNDS, iterations=1)
+
+    measured = {name: t[-ROUNDS:] for name, t in times.items()}  # drop the warm-up rounds
+    ratios = [r / p for r, p in zip(measured["rope"], measured["no-rotation"], strict=True)]
+    rope_ms = statistics.median(measured["rope"]) * 1e3
+    plain_ms = statistics.median(measured["no-rotation"]) * 1e3
+    row = {
+        "T": length,
+        "rope_ms": rope_ms,
+        "no_rotation_ms": plain_ms,
+        "ratio": statistics.median(ratios),
+        "ratio_of_medians": rope_ms / plain_ms,
+        "rounds": len(ratios),
+        "threads": torch.get_num_threads(),
+    }
+    benchmark.extra_info.update(row)
+    ratio_rows.setdefault(TABLE, []).append({**row, "within_target": row["ratio"] <= TARGET})
