@@ -12,10 +12,10 @@ itself included. Three paths give the same result:
 * T <= 2 * chunk: SDPA with a dense (T, T) band mask;
 * longer T (training): queries are split into chunks of c positions; chunk i
   attends to the c + window keys at positions [i c - window, (i + 1) c) through
-  one batched SDPA call with a band mask, so time and memory grow as
-  T (c + window) instead of T^2 and the T x T score matrix never exists. Keys are
-  gathered with ``unfold`` over a front-padded copy; the padding (negative
-  positions) is masked out in the first chunks.
+  one batched SDPA call with a (c, c + window) band mask, so time and memory grow
+  as T (c + window) instead of T^2 and the T x T score matrix never exists. Keys
+  are gathered with ``unfold``; the first ceil(window / c) chunks, whose windows
+  would reach before position 0, are one small dense band-masked block.
 
 Decoding uses the ordinary, full-length :class:`ropelm.KVCache` and attends to
 its last ``window`` entries only (exact, simple; a rolling buffer of ``window``
@@ -74,24 +74,14 @@ def dense_band_mask(t: int, window: int, device: torch.device) -> torch.Tensor:
 
 
 @functools.lru_cache(maxsize=8)
-def chunked_band_mask(
-    batch: int, n_chunks: int, chunk: int, window: int, device: torch.device
-) -> torch.Tensor:
-    """Bool (B * n, 1, c, c + w) for the chunked path; key b of chunk i is at i c - w + b.
+def chunk_band_mask(chunk: int, window: int, device: torch.device) -> torch.Tensor:
+    """Bool (c, c + w) for one query chunk against its keys, the first of which is w earlier.
 
-    Query a of chunk i (position i c + a) sees key b iff a < b <= a + w and the
-    key's position is not negative (the front padding of the first chunks).
+    Query a (position i c + a) sees key b (position i c - w + b) iff a < b <= a + w.
     """
     a = torch.arange(chunk, device=device)[:, None]  # (c, 1)
     b = torch.arange(chunk + window, device=device)[None, :]  # (1, c + w)
-    band = (b > a) & (b <= a + window)  # (c, c + w)
-    key_pos = torch.arange(n_chunks, device=device)[:, None] * chunk - window + b  # (n, c + w)
-    mask = band[None] & (key_pos >= 0)[:, None, :]  # (n, c, c + w)
-    return (
-        mask[None, :, None]
-        .expand(batch, -1, -1, -1, -1)
-        .reshape(batch * n_chunks, 1, chunk, chunk + window)
-    )
+    return (b > a) & (b <= a + window)
 
 
 class SlidingRoPEAttention(RoPEAttention):
@@ -127,25 +117,40 @@ class SlidingRoPEAttention(RoPEAttention):
     def _chunked(
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_p: float
     ) -> torch.Tensor:
-        """Banded attention over query chunks: O(T (c + w)) time and memory."""
+        """Banded attention over query chunks: O(T (c + w)) time and memory.
+
+        The first h = ceil(w / c) chunks (whose windows would reach before position 0)
+        form one dense band-masked block; every later chunk i attends to the c + w
+        keys at positions [i c - w, (i + 1) c), all chunks in one batched SDPA call
+        with the same (c, c + w) mask. Masks never depend on the batch size.
+        """
         B, nh, T, hs = q.shape
         nkv, c, w = k.size(1), self.chunk_size, self.window
-        n = math.ceil(T / c)
-        pad = n * c - T
-        q = F.pad(q, (0, 0, 0, pad)).view(B, nh, n, c, hs).transpose(1, 2)  # (B, n, nh, c, hs)
-        q = q.reshape(B * n, nh, c, hs)
+        n, h = math.ceil(T / c), math.ceil(w / c)
+        sdpa = functools.partial(
+            F.scaled_dot_product_attention, dropout_p=dropout_p, enable_gqa=self.gqa
+        )
+        if h >= n - 1:  # (almost) everything is head: one dense band-masked call
+            return sdpa(q, k, v, attn_mask=dense_band_mask(T, w, q.device))
+        pad, head = n * c - T, h * c
+        q, k, v = (F.pad(x, (0, 0, 0, pad)) for x in (q, k, v))  # (B, *, n c, hs)
+        y_head = sdpa(
+            q[:, :, :head],
+            k[:, :, :head],
+            v[:, :, :head],
+            attn_mask=dense_band_mask(head, w, q.device),
+        )  # (B, nh, h c, hs)
+        m = n - h  # chunks after the head
+        q_rest = q[:, :, head:].view(B, nh, m, c, hs).transpose(1, 2).reshape(B * m, nh, c, hs)
 
         def windows(x: torch.Tensor) -> torch.Tensor:
-            x = F.pad(x, (0, 0, w, pad))  # (B, nkv, w + n c, hs)
-            x = x.unfold(2, c + w, c)  # (B, nkv, n, hs, c + w)
-            return x.permute(0, 2, 1, 4, 3).reshape(B * n, nkv, c + w, hs)
+            x = x[:, :, head - w :].unfold(2, c + w, c)  # (B, nkv, m, hs, c + w)
+            return x.permute(0, 2, 1, 4, 3).reshape(B * m, nkv, c + w, hs)
 
-        mask = chunked_band_mask(B, n, c, w, q.device)  # (B n, 1, c, c + w)
-        y = F.scaled_dot_product_attention(
-            q, windows(k), windows(v), attn_mask=mask, dropout_p=dropout_p, enable_gqa=self.gqa
-        )  # (B n, nh, c, hs)
-        y = y.view(B, n, nh, c, hs).transpose(1, 2).reshape(B, nh, n * c, hs)
-        return y[:, :, :T]  # (B, nh, T, hs)
+        mask = chunk_band_mask(c, w, q.device)  # (c, c + w)
+        y_rest = sdpa(q_rest, windows(k), windows(v), attn_mask=mask)  # (B m, nh, c, hs)
+        y_rest = y_rest.view(B, m, nh, c, hs).transpose(1, 2).reshape(B, nh, m * c, hs)
+        return torch.cat([y_head, y_rest], dim=2)[:, :, :T]  # (B, nh, T, hs)
 
 
 def build(config: ModelConfig, options: RoPESlidingOptions | None) -> SlidingRoPEAttention:

@@ -148,7 +148,11 @@ class AttentionSpec:
 
 
 class KVCache:
-    """Keys and values of one attention layer, preallocated for ``max_len`` positions."""
+    """Keys and values of one attention layer, preallocated for ``max_len`` positions.
+
+    ``n_head`` is the number of key/value heads stored: ``n_kv_head`` under
+    grouped-query attention.
+    """
 
     def __init__(
         self,

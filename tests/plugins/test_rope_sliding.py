@@ -55,6 +55,7 @@ def naive_band(q, k, v, window: int) -> torch.Tensor:
         (61, 5, 8, 2),  # chunked, T not a multiple of the chunk, GQA
         (64, 13, 4, 1),  # chunked with chunk < window (several padded chunks), MQA
         (50, 1, 16, 4),  # each position sees only itself
+        (40, 20, 16, 4),  # chunked path, but the head covers nearly all: one dense call
     ],
 )
 def test_matches_naive_band_attention(T, window, chunk, n_kv_head):
@@ -76,7 +77,9 @@ def test_chunked_path_never_builds_the_full_score_matrix(monkeypatch):
 
     monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", recording)
     attn(torch.randn(1, 64, 32))
-    assert seen == [(8, 8 + 6)]  # one batched call over (chunk, chunk + window) blocks
+    # the first chunk (its window would reach before position 0) as one dense block, then
+    # one batched call over every later chunk's (chunk, chunk + window) block
+    assert seen == [(8, 8), (8, 8 + 6)]
 
 
 def test_window_covering_the_sequence_equals_rope_sm():
