@@ -45,6 +45,7 @@ from ropelm.registry import Registry
 
 __all__ = [
     "CHECKS",
+    "CheckResult",
     "NotApplicable",
     "build_layer",
     "build_model",
@@ -77,7 +78,7 @@ class NotApplicable(Exception):
     """
 
 
-Check = Callable[[AttentionSpec, "ModelConfig | None"], None]
+Check = Callable[[AttentionSpec, ModelConfig | None], None]
 
 
 # -- building blocks -------------------------------------------------------------------------
@@ -87,7 +88,9 @@ def conformance_config(spec: AttentionSpec, **overrides: Any) -> ModelConfig:
     """The small model the checks use for ``spec``, with ``overrides`` applied.
 
     Defaults: block_size 32, vocab_size 64, n_layer 2, n_head 4, n_embd 32 (head
-    size 8), dropout 0, bias True, att_type ``spec.name``.
+    size 8), dropout 0, bias True, att_type ``spec.name``. Every check also takes
+    a ``config`` of its own (e.g. with ``att_options`` for the variant); checks
+    that need a particular length or dropout change just that.
     """
     values: dict[str, Any] = {
         "block_size": 32,
@@ -104,13 +107,13 @@ def conformance_config(spec: AttentionSpec, **overrides: Any) -> ModelConfig:
 
 
 def _derive(spec: AttentionSpec, config: ModelConfig | None, **changes: Any) -> ModelConfig:
-    """``config`` (default: :func:`conformance_config`) with ``changes`` applied, validated."""
-    if config is None:
-        return conformance_config(spec, **changes)
-    values = config.model_dump()
-    values.update(changes)
-    values["att_type"] = spec.name
-    return ModelConfig(**values)
+    """``config`` (default: :func:`conformance_config`) with ``changes`` applied, validated.
+
+    Dropout is 0 unless ``changes`` says otherwise: only the checks about dropout want it.
+    """
+    values = config.model_dump() if config is not None else {}
+    values = {**values, "dropout": 0.0, **changes}
+    return conformance_config(spec, **values)
 
 
 class _SpecPlugin:
@@ -124,6 +127,13 @@ class _SpecPlugin:
         register(self.spec)
 
 
+def _registry_for(spec: AttentionSpec) -> Registry:
+    """A registry holding ``spec`` alone (it need not be installed anywhere)."""
+    registry = Registry()
+    registry.register_plugin(_SpecPlugin(spec), source=f"ropelm.testing ({spec.name})")
+    return registry
+
+
 @contextlib.contextmanager
 def _seeded(seed: int) -> Iterator[None]:
     """Run with the global CPU RNG seeded, restoring the caller's RNG state afterwards."""
@@ -135,7 +145,7 @@ def _seeded(seed: int) -> Iterator[None]:
 @torch.no_grad()
 def _redraw_weights(module: nn.Module, seed: int) -> None:
     """Redraw every weight matrix with std WEIGHT_GAIN / sqrt(fan_in) (see module doc)."""
-    generator = torch.Generator().manual_seed(seed)
+    generator = _gen(seed)
     for param in module.parameters():
         if param.dim() >= 2 and param.is_floating_point():
             fan_in = param[0].numel()
@@ -144,10 +154,8 @@ def _redraw_weights(module: nn.Module, seed: int) -> None:
 
 def build_model(spec: AttentionSpec, config: ModelConfig, seed: int = 0) -> TransformerLM:
     """A :class:`TransformerLM` for ``spec`` with redrawn weights, in eval mode."""
-    registry = Registry()
-    registry.register_plugin(_SpecPlugin(spec), source=f"ropelm.testing ({spec.name})")
     with _seeded(seed):
-        model = TransformerLM(config, registry)
+        model = TransformerLM(config, _registry_for(spec))
     _redraw_weights(model, seed)
     return model.eval()
 
@@ -161,16 +169,18 @@ def build_layer(spec: AttentionSpec, config: ModelConfig, seed: int = 0) -> nn.M
     return layer.eval()
 
 
+def _gen(seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
 def _hidden(config: ModelConfig, batch: int, length: int, seed: int) -> torch.Tensor:
     """Layer input (B, T, C) of unit variance, like a LayerNorm output."""
-    generator = torch.Generator().manual_seed(seed)
-    return torch.randn(batch, length, config.n_embd, generator=generator)
+    return torch.randn(batch, length, config.n_embd, generator=_gen(seed))
 
 
 def _tokens(config: ModelConfig, batch: int, length: int, seed: int) -> torch.Tensor:
     """Random token ids (B, T)."""
-    generator = torch.Generator().manual_seed(seed)
-    return torch.randint(config.vocab_size, (batch, length), generator=generator)
+    return torch.randint(config.vocab_size, (batch, length), generator=_gen(seed))
 
 
 def _logits(model: TransformerLM, idx: torch.Tensor, **kwargs: Any) -> torch.Tensor:
@@ -302,10 +312,6 @@ def check_causality(spec: AttentionSpec, config: ModelConfig | None = None) -> N
         _assert_changed(spec, f"{where}, logits >= {t}", logits_changed[:, t:], logits[:, t:])
 
 
-def _gen(seed: int) -> torch.Generator:
-    return torch.Generator().manual_seed(seed)
-
-
 @torch.no_grad()
 def check_batch_independence(spec: AttentionSpec, config: ModelConfig | None = None) -> None:
     """Each sequence of a batch is processed as if it were alone.
@@ -361,8 +367,7 @@ def check_determinism(spec: AttentionSpec, config: ModelConfig | None = None) ->
     (``torch.equal``).
     """
     config = _derive(spec, config, dropout=0.1)
-    registry = Registry()
-    registry.register_plugin(_SpecPlugin(spec), source=f"ropelm.testing ({spec.name})")
+    registry = _registry_for(spec)
 
     def initial_state(seed: int) -> dict[str, torch.Tensor]:
         with _seeded(seed):

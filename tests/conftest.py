@@ -1,4 +1,9 @@
-"""Fixtures shared across the test suite.
+"""Fixtures and settings shared across the test suite.
+
+Tests run on one intra-op thread (``ROPELM_TEST_THREADS`` to change): their
+models are tiny, so a second thread only adds synchronisation, and on a busy
+2-core machine each small kernel then waits for a descheduled thread (the
+conformance suite took 49 s with torch's default of 2 threads and 5 s with 1).
 
 ``assert_one_sentence`` checks the one-sentence rule of user-facing errors.
 
@@ -24,8 +29,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+import torch
 
 DEMO_PLUGIN_SOURCE = Path(__file__).parent / "fixtures" / "ropelm_demo_plugin"
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    torch.set_num_threads(int(os.environ.get("ROPELM_TEST_THREADS", "1")))
 
 
 @dataclass(frozen=True)
