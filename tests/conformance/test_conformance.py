@@ -122,7 +122,9 @@ class NoisyForward(SelfAttention):
     """Bug: unseeded noise in the forward pass, even in eval mode."""
 
     def forward(self, x, cache=None):
-        noise = torch.randn(x.shape, generator=torch.Generator().manual_seed(torch.seed()))
+        generator = torch.Generator()
+        generator.seed()  # a fresh nondeterministic seed, leaving the global RNG alone
+        noise = torch.randn(x.shape, generator=generator)
         return super().forward(x, cache) + 1e-3 * noise
 
 
