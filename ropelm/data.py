@@ -44,6 +44,7 @@ from ropelm.tokenfile import TokenFile
 from ropelm.tokenizer import (
     SPECIAL_TOKENS,
     TokenizerInfo,
+    cache_lock,
     content_hash,
     file_sha256,
     load_tokenizer,
@@ -148,9 +149,17 @@ def prepare_data(
     if (out / META_FILE).exists() and not force:
         log.info("Reusing token files in %s", out)
         return load_prepared(out, tokenizer)
-    out.mkdir(parents=True, exist_ok=True)
-    _remove_stale_temps(out)
+    with cache_lock(out):  # another process preparing the same files: wait, then reuse
+        if (out / META_FILE).exists() and not force:
+            log.info("Reusing token files in %s", out)
+            return load_prepared(out, tokenizer)
+        _remove_stale_temps(out)
+        return _prepare(config, tokenizer, out, progress=progress)
 
+
+def _prepare(
+    config: ExperimentConfig, tokenizer: TokenizerInfo, out: Path, *, progress: bool
+) -> PreparedData:
     d = config.data
     tok = load_tokenizer(tokenizer.path)
     dtype = token_dtype(tokenizer.vocab_size)

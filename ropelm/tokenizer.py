@@ -20,6 +20,7 @@ settings reuses it.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -72,6 +73,29 @@ def content_hash(obj: Any, length: int = 16) -> str:
     """A short, stable hash of a JSON-serialisable object (for cache directory names)."""
     text = json.dumps(obj, sort_keys=True, separators=(",", ":"), default=str)
     return hashlib.sha256(text.encode("utf-8")).hexdigest()[:length]
+
+
+@contextlib.contextmanager
+def cache_lock(directory: Path) -> Iterator[None]:
+    """Hold an exclusive lock on a cache directory (created if needed) while writing it.
+
+    A second process that wants to write the same cache entry (e.g. every rank
+    under torchrun) waits here, then finds the finished result. The lock is
+    ``DIRECTORY/.lock`` with ``fcntl.flock``, released when the process exits
+    for whatever reason; where ``fcntl`` is missing, nothing is locked.
+    """
+    directory.mkdir(parents=True, exist_ok=True)
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - not POSIX
+        yield
+        return
+    with open(directory / ".lock", "a+b") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def check_vocab_size(vocab_size: int) -> None:
@@ -160,7 +184,14 @@ def train_tokenizer(
     if path.exists() and not force:
         log.info("Reusing tokenizer %s", path)
         return tokenizer_info(path)
+    with cache_lock(path.parent):  # another process training the same one: wait, reuse
+        if path.exists() and not force:
+            log.info("Reusing tokenizer %s", path)
+            return tokenizer_info(path)
+        return _train(config, path, progress=progress)
 
+
+def _train(config: ExperimentConfig, path: Path, *, progress: bool) -> TokenizerInfo:
     tokenizer = new_tokenizer()
     trainer = trainers.BpeTrainer(
         vocab_size=config.model.vocab_size,

@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -71,7 +72,7 @@ def test_meta_records_source_tokenizer_dtype_counts_and_checksums(prepared):
         assert entry["tokens"] == len(token_file) == token_file.path.stat().st_size // 2
         assert entry["sha256"] == sha256(token_file.path)
     assert meta["splits"]["train"]["documents"] + meta["splits"]["val"]["documents"] == 400
-    assert sorted(os.listdir(data.dir)) == ["meta.json", "train.bin", "val.bin"]
+    assert sorted(os.listdir(data.dir)) == [".lock", "meta.json", "train.bin", "val.bin"]
 
 
 def test_split_ratio_disjoint_and_deterministic(prepared, tmp_path):
@@ -111,6 +112,19 @@ def test_reuse_force_and_incomplete_directories(prepared):
     assert prepare_data(config, info, progress=False).meta["splits"] == data.meta["splits"]
 
 
+def test_concurrent_preparations_of_the_same_data(prepared, tmp_path):
+    """Like every rank under torchrun: all succeed, none replaces a finished file."""
+    _, info, data = prepared
+    config = experiment(tmp_path)
+    with ThreadPoolExecutor(3) as pool:
+        results = list(pool.map(lambda _: prepare_data(config, info, progress=False), range(3)))
+    for result in results:
+        assert result.dir == results[0].dir
+        assert result.meta["splits"] == data.meta["splits"]
+    assert load_prepared(results[0].dir, info).meta == results[-1].meta
+    assert sorted(os.listdir(results[0].dir)) == [".lock", "meta.json", "train.bin", "val.bin"]
+
+
 def test_token_files_of_another_tokenizer_are_refused(prepared, tmp_path):
     _, info, data = prepared
     other = train_tokenizer(experiment(tmp_path, vocab_size=450), progress=False)
@@ -145,7 +159,7 @@ def test_empty_split_and_empty_corpus_write_nothing(prepared, tmp_path):
     config = experiment(tmp_path / "c1", source="files", paths=[str(corpus)])
     with pytest.raises(DataError, match=r"validation split is empty .*raise data\.val_fraction"):
         prepare_data(config, info, progress=False)
-    assert not any(p.is_file() for p in (tmp_path / "c1").rglob("*"))
+    assert not [p for p in (tmp_path / "c1").rglob("*") if p.is_file() and p.name != ".lock"]
     (tmp_path / "blank.txt").write_text("\n  \n\n", encoding="utf-8")
     config = experiment(tmp_path / "c2", source="files", paths=[str(tmp_path / "blank.txt")])
     with pytest.raises(DataError, match=r"corpus .* is empty"):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import re
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -149,7 +150,7 @@ def test_a_bad_file_midway_leaves_no_tokenizer_behind(tmp_path):
     with pytest.raises(DataError, match=r"bad\.txt"):
         train_tokenizer(config, progress=False)
     leftovers = list((tmp_path / "cache").rglob("*")) if (tmp_path / "cache").exists() else []
-    assert not [p for p in leftovers if p.is_file()]
+    assert not [p for p in leftovers if p.is_file() and p.name != ".lock"]
 
 
 def test_missing_corrupt_and_foreign_tokenizer_files(tmp_path):
@@ -165,6 +166,14 @@ def test_missing_corrupt_and_foreign_tokenizer_files(tmp_path):
         tokenizer_info(foreign)
 
 
+def test_concurrent_training_of_the_same_tokenizer(tmp_path):
+    """Like every rank under torchrun: one trains, the others wait and reuse it."""
+    config = experiment(tmp_path, tokenizer={"max_documents": 100})
+    with ThreadPoolExecutor(3) as pool:
+        infos = list(pool.map(lambda _: train_tokenizer(config, progress=False), range(3)))
+    assert infos[0] == infos[1] == infos[2] == tokenizer_info(tokenizer_path(config))
+
+
 def test_progress_bar_while_training(tmp_path, capsys):
     train_tokenizer(experiment(tmp_path, tokenizer={"max_documents": 20}), progress=True)
     assert "tokenizer" in capsys.readouterr().err
@@ -173,4 +182,4 @@ def test_progress_bar_while_training(tmp_path, capsys):
 def test_no_temporary_files_beside_the_tokenizer(trained):
     """No temporary files remain next to the saved tokenizer."""
     names = os.listdir(trained[1].path.parent)
-    assert sorted(names) == ["tokenizer.json", "training.json"]
+    assert sorted(names) == [".lock", "tokenizer.json", "training.json"]
