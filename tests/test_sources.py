@@ -61,6 +61,13 @@ def test_wiki_sample_yields_the_extracts_in_file_order(wiki_extracts):
     assert source.text_columns == ["extract"]
 
 
+def test_wiki_sample_other_fields(wiki_extracts):
+    titles = docs(source="wiki-sample", text_column="title", max_documents=3)
+    assert titles[0] == "20th-century classical music" and len(titles) == 3
+    with pytest.raises(DataError, match=r"'body' is not in the wiki sample \(columns: extract,"):
+        docs(source="wiki-sample", text_column="body")
+
+
 def test_max_documents_caps_the_stream(wiki_extracts):
     assert docs(source="wiki-sample", max_documents=25) == wiki_extracts[:25]
 
