@@ -359,5 +359,236 @@ def generate_command(
     click.echo()
 
 
+# -- evaluation, sweeps, comparison, benchmarks ----------------------------------------------
+
+
+@main.command("eval")
+@click.argument("run_dir", type=click.Path(exists=True, path_type=Path), metavar="RUN_DIR")
+@click.option(
+    "--lengths",
+    multiple=True,
+    metavar="L1,L2,...",
+    help="Evaluation lengths: relative to the block size (1x, 2x) or tokens (2048). "
+    "Default: eval.lengths of the run.",
+)
+@click.option(
+    "--att-option",
+    "att_options",
+    multiple=True,
+    metavar="KEY=VALUE",
+    help="Override an att_option of the model for this evaluation (same weights), e.g. "
+    "--att-option scaling=yarn --att-option scale_factor=4 (repeatable).",
+)
+@click.option(
+    "--max-windows",
+    type=click.IntRange(min=1),
+    help="At most this many non-overlapping windows per length (the strided method scores "
+    "the same tokens). Default: the whole validation split.",
+)
+@click.option(
+    "--stride",
+    default="0.5",
+    show_default=True,
+    help="Stride of the strided method: a fraction of the length (0.5) or tokens (64).",
+)
+@click.option(
+    "--method",
+    "methods",
+    multiple=True,
+    type=click.Choice(["nonoverlapping", "strided"]),
+    help="Evaluate only with this method (repeatable; default both).",
+)
+@click.option(
+    "--batch-size",
+    type=click.IntRange(min=1),
+    help="Windows of block_size tokens per forward pass; longer windows get the same "
+    "number of tokens per batch (default: the run's eval or train batch size).",
+)
+@click.option("--which", type=click.Choice(["best", "last"]), default="best", show_default=True)
+@click.option("--device", default="auto", show_default=True, help="cpu, cuda, cuda:1, ...")
+@click.option(
+    "--out",
+    "out_file",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="JSON file to write (default RUN_DIR/eval.json, or RUN_DIR/eval-OPTIONS.json "
+    "with --att-option).",
+)
+def eval_command(
+    run_dir: Path,
+    lengths: tuple[str, ...],
+    att_options: tuple[str, ...],
+    max_windows: int | None,
+    stride: str,
+    methods: tuple[str, ...],
+    batch_size: int | None,
+    which: str,
+    device: str,
+    out_file: Path | None,
+) -> None:
+    """Validation perplexity of a run at several lengths (length extrapolation).
+
+    Each length is scored with non-overlapping windows (every token of a window
+    scored) and with strided windows (windows moved by --stride, scoring only
+    tokens not scored before, so each has at least L - stride tokens of context).
+    Variants that cannot run beyond their block size (e.g. Learned-APE) get n/a.
+    The result is written atomically to RUN_DIR/eval.json and printed.
+
+    \b
+    Examples:
+      ropelm-exp eval runs/quickstart --lengths 1x,2x,4x,8x
+      ropelm-exp eval runs/quickstart --lengths 4x --att-option scaling=yarn \
+          --att-option scale_factor=4
+      ropelm-exp eval runs/quickstart --lengths 512,1024 --max-windows 50 --stride 64
+    """
+    from ropelm.evaluate import METHODS
+    from ropelm.extrapolation import evaluate_run, format_eval_table, parse_att_options
+
+    report = evaluate_run(
+        run_dir,
+        lengths=list(lengths) or None,
+        att_options=parse_att_options(att_options),
+        max_windows=max_windows,
+        stride=stride,
+        batch_size=batch_size,
+        methods=list(methods) or METHODS,
+        which=which,
+        device=device,
+        out=out_file,
+    )
+    click.echo(format_eval_table(report))
+    click.echo(f"written: {report['path']}")
+
+
+@main.command("sweep")
+@experiment_argument
+@click.option(
+    "--variants",
+    multiple=True,
+    required=True,
+    metavar="NAME[:K=V],...",
+    help="Attention variants, comma-separated; options after colons, e.g. "
+    "RoPE-SM,ALiBi,RoPE-Sliding:window=32 (repeatable).",
+)
+@click.option(
+    "--seeds", multiple=True, default=("0",), show_default=True, metavar="S1,S2,...",
+    help="Training seeds, e.g. 0,1,2.",
+)  # fmt: skip
+@set_option
+@click.option(
+    "--out",
+    "out_dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    help="Sweep directory (default runs/NAME-sweep).",
+)
+@click.option(
+    "--lengths",
+    multiple=True,
+    metavar="L1,L2,...",
+    help="Evaluation lengths after training (default: eval.lengths of the experiment).",
+)
+@click.option(
+    "--max-windows",
+    type=click.IntRange(min=1),
+    help="Cap on evaluation windows per length (see `ropelm-exp eval`).",
+)
+@click.option("--no-eval", is_flag=True, help="Train only; skip the length evaluation.")
+@quiet_option
+def sweep_command(
+    experiment: Path,
+    variants: tuple[str, ...],
+    seeds: tuple[str, ...],
+    overrides: tuple[str, ...],
+    out_dir: Path | None,
+    lengths: tuple[str, ...],
+    max_windows: int | None,
+    no_eval: bool,
+    quiet: bool,
+) -> None:
+    """Train and evaluate several attention variants x seeds on one experiment.
+
+    Every run uses the same tokenizer, token files and token budget (they are
+    built once and reused). Runs go to SWEEP_DIR/VARIANT-seedK/; a finished run
+    is skipped and an interrupted one resumed when the same sweep is run again.
+    At the end the comparison table is printed and saved as SWEEP_DIR/comparison.md.
+
+    \b
+    Examples:
+      ropelm-exp sweep experiments/quickstart.yaml --variants RoPE-SM,ALiBi,NoPE --seeds 0,1,2
+      ropelm-exp sweep experiments/quickstart.yaml \
+          --variants RoPE-SM,RoPE-Sliding:window=32 --lengths 1x,2x,4x --max-windows 100
+    """
+    from ropelm.sweep import parse_seeds, parse_variants, run_sweep
+
+    choices = parse_variants(variants)
+    sweep_dir, runs = run_sweep(
+        experiment, choices, parse_seeds(seeds), overrides=overrides, out=out_dir,
+        lengths=list(lengths) or None, max_windows=max_windows, evaluate=not no_eval,
+        progress=not quiet, log=click.echo,
+    )  # fmt: skip
+    counts = {s: sum(r.status == s for r in runs) for s in ("trained", "resumed", "skipped")}
+    click.echo(
+        f"sweep: {sweep_dir} ({counts['trained']} trained, {counts['resumed']} resumed, "
+        f"{counts['skipped']} skipped)"
+    )
+
+
+@main.command("compare")
+@click.argument(
+    "run_dirs", nargs=-1, required=True, type=click.Path(exists=True, path_type=Path),
+    metavar="RUN_DIR...",
+)  # fmt: skip
+@click.option(
+    "--bench",
+    "bench_files",
+    multiple=True,
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    help="A bench JSON from `ropelm-exp bench` (tokens/s and memory columns, throughput plot).",
+)
+@click.option(
+    "--format",
+    "tablefmt",
+    type=click.Choice(["github", "latex", "csv"]),
+    default="github",
+    show_default=True,
+)
+@click.option(
+    "--bench-length",
+    type=click.IntRange(min=1),
+    help="Sequence length of the bench columns (default: the runs' block size).",
+)
+@click.option(
+    "--out",
+    "out_dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    help="Also write comparison.md/.tex, one CSV per table and the PNG plots here.",
+)
+def compare_command(
+    run_dirs: tuple[Path, ...],
+    bench_files: tuple[Path, ...],
+    tablefmt: str,
+    bench_length: int | None,
+    out_dir: Path | None,
+) -> None:
+    """Compare finished runs: tables of mean ± std over seeds, and plots.
+
+    RUN_DIR is a run directory or a directory of runs (a sweep). Runs of the same
+    variant (att_type and att_options) are grouped; std is over seeds (n - 1).
+
+    \b
+    Examples:
+      ropelm-exp compare runs/quickstart-sweep
+      ropelm-exp compare runs/quickstart-sweep --bench bench.json --out docs/
+      ropelm-exp compare runs/a runs/b --format latex
+    """
+    from ropelm.report import compare, read_bench, write_outputs
+
+    comparison = compare(run_dirs, bench=bench_files, tablefmt=tablefmt, bench_length=bench_length)
+    click.echo(comparison.text)
+    if out_dir is not None:
+        benches = [read_bench(b) for b in bench_files]
+        for path in write_outputs(comparison, out_dir, benches):
+            click.echo(f"written: {path}")
+
+
 if __name__ == "__main__":  # pragma: no cover
     main()

@@ -1,0 +1,356 @@
+"""``ropelm-exp compare``: comparison tables of finished runs, mean ± std over seeds.
+
+Runs are grouped by variant (``att_type`` plus its ``att_options``); every group
+gets one row with the mean ± sample standard deviation (n - 1) over its seeds
+(a single seed shows the value alone). Three tables:
+
+* ``summary`` -- seeds, parameters, validation perplexity (the final evaluation
+  of the best checkpoint, ``summary.json``), training tokens/s, and, from a bench
+  JSON (``ropelm-exp bench``), forward+backward tokens/s and peak memory at one
+  sequence length;
+* ``nonoverlapping`` and ``strided`` -- perplexity at each evaluation length
+  (from ``eval.json``; one extra row per set of evaluation-time ``att_options``,
+  e.g. ``RoPE-SM [eval scaling=yarn, scale_factor=4]``).
+
+Formats: ``github`` and ``latex`` (cells "12.34 ± 0.56") via tabulate, and
+``csv`` with separate ``_mean``/``_std`` columns for machines. Plots live in
+:mod:`ropelm.plots`.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import statistics
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+from tabulate import tabulate
+
+from ropelm.errors import ConfigError
+from ropelm.evaluate import METHODS
+from ropelm.runs import RunDir
+
+FORMATS = ("github", "latex", "csv")
+
+
+@dataclass(frozen=True)
+class Stat:
+    """Mean and sample standard deviation of one quantity over seeds."""
+
+    mean: float
+    std: float | None  # None for a single value
+    n: int
+
+    @classmethod
+    def of(cls, values: Iterable[float]) -> Stat | None:
+        """The statistic of the finite values, or None when there are none."""
+        finite = [float(v) for v in values if v is not None and math.isfinite(float(v))]
+        if not finite:
+            return None
+        std = statistics.stdev(finite) if len(finite) > 1 else None
+        return cls(statistics.fmean(finite), std, len(finite))
+
+    def format(self, digits: int = 2, *, latex: bool = False, thousands: bool = False) -> str:
+        """``"12.34"`` for one value, ``"12.34 ± 0.56"`` for several (LaTeX: ``$\\pm$``)."""
+        spec = f",.{digits}f" if thousands else f".{digits}f"
+        text = format(self.mean, spec)
+        if self.std is not None:
+            pm = " $\\pm$ " if latex else " ± "
+            text += pm + format(self.std, spec)
+        return text
+
+
+@dataclass
+class RunRecord:
+    """One finished run: its summary, metrics, evaluations and seed."""
+
+    dir: Path
+    summary: dict[str, Any]
+    seed: int | None
+    block_size: int | None
+    metrics: list[dict[str, Any]]
+    evals: dict[str, dict[str, Any]] = field(default_factory=dict)  # eval label -> eval JSON
+
+    @property
+    def label(self) -> str:
+        """Variant label: ``RoPE-Sliding:window=32`` (att_type plus its att_options)."""
+        return variant_label(self.summary["att_type"], self.summary.get("att_options") or {})
+
+
+def variant_label(att_type: str, options: dict[str, Any]) -> str:
+    return ":".join([att_type, *(f"{k}={v}" for k, v in options.items())])
+
+
+def find_runs(paths: Iterable[str | Path]) -> list[Path]:
+    """Run directories named by ``paths``: runs themselves, or folders of runs (a sweep).
+
+    Raises:
+        ConfigError: a path holds no finished run.
+    """
+    found: list[Path] = []
+    for path in map(Path, paths):
+        if (path / "summary.json").is_file():
+            candidates = [path]
+        elif path.is_dir():
+            candidates = sorted(p for p in path.iterdir() if (p / "summary.json").is_file())
+        else:
+            raise ConfigError(f"{path} does not exist; give run directories or a sweep directory.")
+        if not candidates:
+            hint = "it has not finished" if (path / "config.yaml").is_file() else "none inside"
+            raise ConfigError(
+                f"{path} holds no finished run (no summary.json, {hint}); give finished run "
+                "directories or the sweep directory that holds them."
+            )
+        found += [c for c in candidates if c not in found]
+    return found
+
+
+def load_run(path: Path) -> RunRecord:
+    """Read a finished run directory (summary, metrics, seed, every eval*.json)."""
+    try:
+        summary = json.loads((path / "summary.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError) as err:
+        raise ConfigError(f"Cannot read {path / 'summary.json'} ({err}).") from None
+    seed = block_size = None
+    if (path / "config.yaml").is_file():
+        config = yaml.safe_load((path / "config.yaml").read_text()) or {}
+        seed = (config.get("train") or {}).get("seed", 0)
+        block_size = (config.get("model") or {}).get("block_size")
+    record = RunRecord(path, summary, seed, block_size, RunDir(path).read_metrics())
+    for eval_path in sorted(path.glob("eval*.json")):
+        try:
+            report = json.loads(eval_path.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            continue
+        overrides = report.get("att_option_overrides") or {}
+        record.evals[", ".join(f"{k}={v}" for k, v in overrides.items())] = report
+    return record
+
+
+def group_runs(records: Sequence[RunRecord]) -> dict[str, list[RunRecord]]:
+    """Variant label -> its runs (one per seed), in order of first appearance."""
+    groups: dict[str, list[RunRecord]] = {}
+    for record in records:
+        groups.setdefault(record.label, []).append(record)
+    return groups
+
+
+@dataclass
+class Table:
+    """A table whose numeric cells are :class:`Stat` (or None for n/a, or plain text)."""
+
+    name: str
+    title: str
+    headers: list[str]
+    rows: list[list[Any]]
+    digits: list[int]  # decimals per column (for Stat cells)
+    thousands: list[bool]
+
+    def render(self, tablefmt: str) -> str:
+        """The table as ``github``, ``latex`` or ``csv`` text."""
+        if tablefmt == "csv":
+            return self._csv()
+        latex = tablefmt == "latex"
+        body = []
+        for row in self.rows:
+            cells = []
+            for cell, digits, thousands in zip(row, self.digits, self.thousands, strict=True):
+                if isinstance(cell, Stat):
+                    text = cell.format(digits, latex=latex, thousands=thousands)
+                else:
+                    text = "n/a" if cell is None else str(cell)
+                    text = _latex_escape(text) if latex else text
+                cells.append(text)
+            body.append(cells)
+        headers = [_latex_escape(h) for h in self.headers] if latex else self.headers
+        fmt = "latex_raw" if latex else tablefmt
+        return tabulate(body, headers=headers, tablefmt=fmt, disable_numparse=True)
+
+    def _csv(self) -> str:
+        out = io.StringIO()
+        writer = csv.writer(out, lineterminator="\n")
+        header: list[str] = []
+        stat_columns = [
+            any(isinstance(r[i], Stat) for r in self.rows) for i in range(len(self.headers))
+        ]
+        for name, is_stat in zip(self.headers, stat_columns, strict=True):
+            key = _csv_key(name)
+            header += [f"{key}_mean", f"{key}_std"] if is_stat else [key]
+        writer.writerow(header)
+        for row in self.rows:
+            line: list[Any] = []
+            for cell, is_stat in zip(row, stat_columns, strict=True):
+                if is_stat:
+                    if isinstance(cell, Stat):
+                        line += [repr(cell.mean), "" if cell.std is None else repr(cell.std)]
+                    else:
+                        line += ["", ""]
+                else:
+                    line.append("" if cell is None else cell)
+            writer.writerow(line)
+        return out.getvalue().rstrip("\n")
+
+
+def _csv_key(header: str) -> str:
+    cleaned = "".join(c if c.isalnum() else "_" for c in header.lower())
+    return "_".join(part for part in cleaned.split("_") if part)
+
+
+def _latex_escape(text: str) -> str:
+    for char, escaped in (("\\", r"\textbackslash{}"), ("_", r"\_"), ("%", r"\%"), ("&", r"\&"),
+                          ("#", r"\#"), ("$", r"\$"), ("{", r"\{"), ("}", r"\}")):  # fmt: skip
+        text = text.replace(char, escaped)
+    return text
+
+
+def _bench_lookup(benches: Sequence[dict[str, Any]]) -> dict[tuple[str, int], dict[str, Any]]:
+    """(variant label, T) -> the bench result (the first device listed wins)."""
+    table: dict[tuple[str, int], dict[str, Any]] = {}
+    for bench in benches:
+        for row in bench.get("results", []):
+            table.setdefault((row["variant"], int(row["T"])), row)
+    return table
+
+
+def summary_table(
+    groups: dict[str, list[RunRecord]],
+    benches: Sequence[dict[str, Any]] = (),
+    bench_length: int | None = None,
+) -> Table:
+    """Seeds, parameters, validation perplexity, tokens/s and (from bench) memory per variant."""
+    lookup = _bench_lookup(benches)
+    lengths = sorted({t for _, t in lookup})
+    if bench_length is None and lengths:
+        block_sizes = [r.block_size for runs in groups.values() for r in runs]
+        bench_length = next((b for b in block_sizes if b in lengths), lengths[-1])
+    headers = ["variant", "seeds", "params (M)", "val ppl", "train tokens/s"]
+    digits, thousands = [0, 0, 2, 2, 0], [False, False, False, False, True]
+    if lookup:
+        headers += [f"fwd+bwd tokens/s @T={bench_length}", f"peak MB @T={bench_length}"]
+        digits += [0, 1]
+        thousands += [True, False]
+    rows = []
+    for label, runs in groups.items():
+        row: list[Any] = [
+            label,
+            len(runs),
+            Stat.of(r.summary["n_params"] / 1e6 for r in runs),
+            Stat.of(r.summary.get("final_val_ppl") for r in runs),
+            Stat.of(r.summary.get("train_tokens_per_s") for r in runs),
+        ]
+        if lookup:
+            bench = lookup.get((label, bench_length)) or {}
+            row.append(Stat.of([bench.get("fwd_bwd_tokens_per_s")]))
+            row.append(Stat.of([bench.get("fwd_bwd_peak_mb")]))
+        rows.append(row)
+    return Table("summary", "Summary", headers, rows, digits, thousands)
+
+
+def length_table(groups: dict[str, list[RunRecord]], method: str) -> Table:
+    """Perplexity per evaluation length with ``method``; one row per variant x eval options."""
+    lengths: dict[str, int] = {}
+    row_keys: list[tuple[str, str]] = []
+    for label, runs in groups.items():
+        for run in runs:
+            for eval_label, report in run.evals.items():
+                if (label, eval_label) not in row_keys:
+                    row_keys.append((label, eval_label))
+                for spec, entry in report["results"].items():
+                    lengths.setdefault(spec, entry["length"])
+    order = sorted(lengths, key=lambda s: lengths[s])
+    headers = ["variant", *(f"{s} ({lengths[s]})" for s in order)]
+    rows = []
+    for label, eval_label in row_keys:
+        name = f"{label} [eval {eval_label}]" if eval_label else label
+        row: list[Any] = [name]
+        for spec in order:
+            values, missing = [], False
+            for run in groups[label]:
+                cell = run.evals.get(eval_label, {}).get("results", {}).get(spec, {}).get(method)
+                if cell is None or "ppl" not in cell:
+                    missing = True
+                else:
+                    values.append(cell["ppl"])
+            row.append(None if missing else Stat.of(values))
+        rows.append(row)
+    n = len(headers)
+    title = f"Perplexity at each evaluation length ({method} windows)"
+    return Table(method, title, headers, rows, [2] * n, [False] * n)
+
+
+@dataclass
+class Comparison:
+    """The tables of a comparison and their rendering in one format."""
+
+    records: list[RunRecord]
+    tables: list[Table]
+    tablefmt: str
+
+    @property
+    def text(self) -> str:
+        parts = []
+        for table in self.tables:
+            if table.rows and len(table.headers) > 1:
+                parts.append(f"{table.title}\n\n{table.render(self.tablefmt)}")
+        return "\n\n".join(parts)
+
+
+def read_bench(path: str | Path) -> dict[str, Any]:
+    try:
+        bench = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, ValueError) as err:
+        raise ConfigError(f"Cannot read bench file {path} ({err}).") from None
+    if not isinstance(bench, dict) or "results" not in bench:
+        raise ConfigError(f"{path} is not a bench JSON written by `ropelm-exp bench`.")
+    return bench
+
+
+def compare(
+    paths: Iterable[str | Path],
+    *,
+    bench: Iterable[str | Path] = (),
+    tablefmt: str = "github",
+    bench_length: int | None = None,
+) -> Comparison:
+    """Load the runs under ``paths`` (and bench JSONs) and build the comparison tables."""
+    if tablefmt not in FORMATS:
+        raise ConfigError(f"Unknown table format '{tablefmt}'; use one of {', '.join(FORMATS)}.")
+    records = [load_run(p) for p in find_runs(paths)]
+    groups = group_runs(records)
+    benches = [read_bench(b) for b in bench]
+    tables = [summary_table(groups, benches, bench_length)]
+    tables += [length_table(groups, method) for method in METHODS]
+    return Comparison(records, tables, tablefmt)
+
+
+def write_outputs(
+    comparison: Comparison, out: Path, benches: Sequence[dict[str, Any]] = ()
+) -> list[Path]:
+    """Write every table in every format, and the plots, into ``out``; return the paths."""
+    from ropelm.atomic import atomic_write_text
+    from ropelm.plots import save_plots
+
+    out.mkdir(parents=True, exist_ok=True)
+    written = []
+    for fmt, suffix in (("github", "md"), ("latex", "tex")):
+        text = "\n\n".join(
+            f"{t.title}\n\n{t.render(fmt)}" if fmt == "github" else f"% {t.title}\n{t.render(fmt)}"
+            for t in comparison.tables
+            if t.rows and len(t.headers) > 1
+        )
+        path = out / f"comparison.{suffix}"
+        atomic_write_text(path, text + "\n")
+        written.append(path)
+    for table in comparison.tables:
+        if table.rows and len(table.headers) > 1:
+            path = out / f"{table.name}.csv"
+            atomic_write_text(path, table.render("csv") + "\n")
+            written.append(path)
+    written += save_plots(comparison.records, benches, out)
+    return written
