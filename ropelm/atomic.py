@@ -29,6 +29,7 @@ def atomic_path(target: str | Path) -> Iterator[Path]:
     fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
     os.close(fd)
     tmp = Path(tmp_name)
+    os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; give the usual permissions
     try:
         yield tmp
         with tmp.open("rb+") as f:
@@ -51,6 +52,12 @@ def atomic_write_text(target: str | Path, text: str) -> None:
 
 def atomic_write_json(target: str | Path, obj: Any) -> None:
     atomic_write_text(target, json.dumps(obj, indent=2, sort_keys=False) + "\n")
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def fsync_dir(directory: str | Path) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -66,3 +67,12 @@ def test_a_killed_writer_leaves_the_old_file(tmp_path):
     proc.send_signal(signal.SIGKILL)
     assert proc.wait() == -signal.SIGKILL
     assert target.read_bytes() == b"old"
+
+
+def test_written_files_get_the_usual_permissions(tmp_path):
+    previous = os.umask(0o022)
+    try:
+        atomic_write_text(tmp_path / "shared.txt", "x")
+    finally:
+        os.umask(previous)
+    assert (tmp_path / "shared.txt").stat().st_mode & 0o777 == 0o644
