@@ -127,6 +127,7 @@ class _State:
     step: int = 0
     tokens_seen: int = 0
     best_val_loss: float | None = None
+    initial_val_loss: float | None = None  # of the untrained model: the baseline to beat
     train_time: float = 0.0
     wall_time: float = 0.0  # of earlier sessions of this run (resume)
     session_start: float = field(default_factory=time.perf_counter)
@@ -242,6 +243,13 @@ def train(
         total=plan.total_steps, initial=state.step, disable=not (progress and dist_ctx.is_main),
         desc=f"train {model_config.att_type}", unit="step", dynamic_ncols=True,
     )  # fmt: skip
+    if state.step == 0:
+        state.initial_val_loss = evaluate()
+        if dist_ctx.is_main:
+            run_dir.append_metrics(
+                {"step": 0, "tokens": 0, "val_loss": state.initial_val_loss,
+                 "val_ppl": perplexity(state.initial_val_loss)},
+            )  # fmt: skip
     window_start, window_tokens = time.perf_counter(), 0
     model.train()
     with _graceful_interrupt(state), bar:
@@ -364,6 +372,7 @@ def _trainer_state(
         "step": state.step,
         "tokens_seen": state.tokens_seen,
         "best_val_loss": state.best_val_loss,
+        "initial_val_loss": state.initial_val_loss,
         "train_time": state.train_time,
         "wall_time": state.wall(),
         "last_eval": dict(state.last_eval),
@@ -397,6 +406,7 @@ def _restore(
     state.step = saved["step"]
     state.tokens_seen = saved["tokens_seen"]
     state.best_val_loss = saved["best_val_loss"]
+    state.initial_val_loss = saved["initial_val_loss"]
     state.train_time = saved["train_time"]
     state.wall_time = saved["wall_time"]
     state.last_eval = dict(saved["last_eval"])
@@ -427,6 +437,7 @@ def _finish(
         "n_params": model.num_parameters(),
         "steps": state.step,
         "tokens_seen": state.tokens_seen,
+        "initial_val_loss": state.initial_val_loss,
         "best_val_loss": state.best_val_loss,
         "final_val_loss": final_loss,
         "final_val_ppl": perplexity(final_loss),
