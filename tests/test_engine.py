@@ -221,3 +221,19 @@ def test_block_size_beyond_the_data_fails_before_training(tmp_path, cache_dir):
     with pytest.raises(DataError, match=r"split has \d+ tokens, fewer than one window"):
         run_experiment(config, out_dir=tmp_path / "run", progress=False)
     assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_compiled_training_matches_eager(tmp_path, cache_dir):
+    """torch.compile (inductor on the CPU) trains the same model to float round-off."""
+    losses = {}
+    for compile_ in (False, True):
+        raw = tiny_experiment(cache_dir, max_steps=4, log_every=1, eval_every=4, compile=compile_)
+        raw["model"].update(n_layer=1, dropout=0.0)
+        config = load_experiment(write_yaml(tmp_path / f"c{compile_}.yaml", raw))
+        run_experiment(config, out_dir=tmp_path / f"run-{compile_}", progress=False)
+        rows = (tmp_path / f"run-{compile_}" / "metrics.jsonl").read_text().splitlines()
+        losses[compile_] = [json.loads(r)["train_loss"] for r in rows if "train_loss" in r]
+    assert len(losses[True]) == 4
+    assert max(abs(a - b) for a, b in zip(losses[False], losses[True], strict=True)) < 1e-4
+    weights = _final_weights(tmp_path / "run-True")
+    assert not any(name.startswith("_orig_mod") for name in weights)
