@@ -117,6 +117,8 @@ def load_run(path: Path) -> RunRecord:
         summary = json.loads((path / "summary.json").read_text(encoding="utf-8"))
     except (OSError, ValueError) as err:
         raise ConfigError(f"Cannot read {path / 'summary.json'} ({err}).") from None
+    if not isinstance(summary, dict) or not {"att_type", "n_params"} <= set(summary):
+        raise ConfigError(f"{path / 'summary.json'} is not the summary of a finished ropelm run.")
     seed = block_size = None
     if (path / "config.yaml").is_file():
         config = yaml.safe_load((path / "config.yaml").read_text()) or {}

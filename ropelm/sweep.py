@@ -76,7 +76,8 @@ def parse_variants(items: Iterable[str]) -> list[VariantChoice]:
         ConfigError: an empty name, an option not written KEY=VALUE, or a duplicate.
     """
     choices: list[VariantChoice] = []
-    for item in split_specs(list(items)):
+    names = [part.strip() for item in items for part in str(item).split(",")]
+    for item in filter(None, names):
         name, *raw_options = item.split(":")
         if not name.strip():
             raise ConfigError(f"--variants '{item}': the variant name is missing.")
@@ -86,7 +87,7 @@ def parse_variants(items: Iterable[str]) -> list[VariantChoice]:
             if not sep or not key.strip():
                 raise ConfigError(
                     f"--variants '{item}': write options as NAME:KEY=VALUE, "
-                    "e.g. RoPE-Sliding:window=32."
+                    "e.g. 'RoPE-Sliding:window=32'."
                 )
             options.append((key.strip(), yaml.safe_load(value) if value.strip() else None))
         choice = VariantChoice(name.strip(), tuple(options))
@@ -286,7 +287,7 @@ def run_sweep(
 
     from ropelm.report import compare
 
-    finished = [r.dir for r in runs if (r.dir / "summary.json").is_file()]
+    finished = [r.dir for r in runs if r.status != "failed" and (r.dir / "summary.json").is_file()]
     if finished:
         comparison = compare(finished, tablefmt="github")
         atomic_write_text(sweep_dir / "comparison.md", comparison.text + "\n")

@@ -1,0 +1,321 @@
+"""Length evaluation: length specs, window plans, the two methods, eval.json and the CLI."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+import yaml
+from click.testing import CliRunner
+
+from ropelm.checkpoint import load_model
+from ropelm.cli import main
+from ropelm.config import load_experiment
+from ropelm.data import load_prepared
+from ropelm.errors import CheckpointError, ConfigError
+from ropelm.evaluate import (
+    LengthSpecError,
+    evaluate_loss,
+    length_perplexity,
+    parse_length,
+    parse_stride,
+    split_specs,
+    window_plan,
+)
+from ropelm.extrapolation import eval_file_name, evaluate_run, parse_att_options
+from ropelm.model import ModelConfig, TransformerLM
+from ropelm.pipeline import run_experiment
+from ropelm.tokenfile import TokenFile
+
+# -- length and stride specs -----------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("spec", "tokens"),
+    [("1x", 32), ("2x", 64), (" 4X ", 128), ("0.5x", 16), ("1.5x", 48), ("2048", 2048), (7, 7)],
+)
+def test_parse_length(spec, tokens):
+    assert parse_length(spec, block_size=32) == tokens
+
+
+@pytest.mark.parametrize("spec", ["3y", "x", "2xx", "-1", "1e3", "", "0x", "0"])
+def test_bad_length_is_one_sentence(spec, assert_one_sentence):
+    with pytest.raises(LengthSpecError) as info:
+        parse_length(spec, block_size=32)
+    assert isinstance(info.value, ConfigError)
+    assert_one_sentence(str(info.value))
+
+
+def test_split_specs_flattens_and_dedupes():
+    assert split_specs(["1x,2x", "2x", " 4x , "]) == ["1x", "2x", "4x"]
+    assert split_specs("8x") == ["8x"]
+
+
+@pytest.mark.parametrize(
+    ("spec", "length", "stride"),
+    [("0.5", 64, 32), ("1", 64, 1), ("1.0", 64, 64), ("16", 64, 16), ("999", 64, 64)],
+)
+def test_parse_stride(spec, length, stride):
+    assert parse_stride(spec, length) == stride
+
+
+@pytest.mark.parametrize("spec", ["0", "0.0", "1.5", "-2", "half"])
+def test_bad_stride(spec, assert_one_sentence):
+    with pytest.raises(LengthSpecError) as info:
+        parse_stride(spec, 64)
+    assert_one_sentence(str(info.value))
+
+
+# -- window plans -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("length", "stride"), [(8, 8), (8, 4), (8, 3), (8, 1), (5, 2)])
+def test_window_plan_scores_each_target_once_with_enough_context(length, stride):
+    plan = window_plan(num_tokens=60, length=length, stride=stride, max_windows=None)
+    n = 59 // length
+    assert plan.span == n * length
+    scored = []
+    for start, first in zip(plan.starts, plan.first_scored, strict=True):
+        assert start >= 0 and start + length + 1 <= 60  # every window is whole
+        for i in range(first, length):
+            scored.append(start + 1 + i)  # token index of target i
+            if start > 0:  # past the first window: at least length - stride tokens before it
+                assert i + 1 >= length - stride + 1
+    assert sorted(scored) == list(range(1, n * length + 1))
+
+
+def test_window_plan_with_stride_equal_length_is_non_overlapping():
+    plan = window_plan(num_tokens=100, length=10, stride=10, max_windows=4)
+    assert plan.starts.tolist() == [0, 10, 20, 30]
+    assert plan.first_scored.tolist() == [0, 0, 0, 0]
+    strided = window_plan(num_tokens=100, length=10, stride=5, max_windows=4)
+    assert strided.span == plan.span == 40  # the cap counts non-overlapping windows
+    assert strided.starts.tolist() == [0, 5, 10, 15, 20, 25, 30]
+
+
+def test_window_plan_too_short():
+    assert window_plan(num_tokens=5, length=8, stride=4, max_windows=None).num_windows == 0
+
+
+# -- the methods on a token file --------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def token_file(tmp_path_factory) -> TokenFile:
+    path = tmp_path_factory.mktemp("tokens") / "val.bin"
+    rng = np.random.default_rng(0)
+    # a repetitive stream (period 7 plus noise) so context matters to a trained model
+    base = np.tile(rng.integers(0, 50, 7), 200)[:1300]
+    noise = rng.random(1300) < 0.1
+    base[noise] = rng.integers(0, 50, noise.sum())
+    base.astype(np.uint16).tofile(path)
+    return TokenFile(path, np.uint16, name="val")
+
+
+@pytest.fixture(scope="module")
+def model() -> TransformerLM:
+    torch.manual_seed(0)
+    config = ModelConfig(
+        block_size=16, vocab_size=64, n_layer=1, n_head=2, n_embd=32, dropout=0.0, att_type="ALiBi"
+    )
+    model = TransformerLM(config)
+    with torch.no_grad():  # large weights, so outputs depend strongly on context
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.normal_(0, 0.3)
+    return model.eval()
+
+
+def test_one_block_equals_evaluate_loss_on_the_same_windows(model, token_file):
+    reference = evaluate_loss(model, token_file, batch_size=4, block_size=16, max_batches=5)
+    result = length_perplexity(model, token_file, length=16, batch_size=3, max_windows=20)
+    assert result.windows == 20 and result.tokens == 20 * 16
+    assert result.loss == pytest.approx(reference, rel=1e-6)
+    assert result.ppl == pytest.approx(math.exp(reference), rel=1e-6)
+
+
+def test_strided_with_stride_equal_length_equals_non_overlapping(model, token_file):
+    plain = length_perplexity(model, token_file, length=32, max_windows=10)
+    strided = length_perplexity(model, token_file, length=32, stride=32, max_windows=10)
+    assert strided == plain
+
+
+def test_strided_matches_a_window_by_window_reference(model, token_file):
+    length, stride = 32, 12
+    result = length_perplexity(
+        model, token_file, length=length, stride=stride, batch_size=5, max_windows=6
+    )
+    # reference: HF-style loop, one window at a time, scoring targets after the previous end
+    tokens = torch.from_numpy(token_file.tokens.astype(np.int64))
+    span, prev_end, begin, nll, count = 6 * length, 0, 0, 0.0, 0
+    while prev_end < span:
+        begin = min(begin, span - length)
+        window = tokens[begin : begin + length + 1]
+        logits, _ = model(window[None, :-1])
+        losses = F.cross_entropy(logits[0], window[1:], reduction="none")
+        first = prev_end - begin  # targets 1..prev_end are done
+        nll += losses[first:].double().sum().item()
+        count += length - first
+        prev_end, begin = begin + length, begin + stride
+    assert result.tokens == count == span
+    assert result.loss == pytest.approx(nll / count, rel=1e-6)
+    plain = length_perplexity(model, token_file, length=length, max_windows=6)
+    assert result.tokens == plain.tokens
+    assert result.loss != pytest.approx(plain.loss, rel=1e-4)  # more context changes it
+
+
+def test_batch_size_does_not_change_the_result(model, token_file):
+    a = length_perplexity(model, token_file, length=24, stride=8, batch_size=1, max_windows=5)
+    b = length_perplexity(model, token_file, length=24, stride=8, batch_size=7, max_windows=5)
+    assert a.tokens == b.tokens and a.loss == pytest.approx(b.loss, rel=1e-6)
+
+
+def test_padding_targets_are_not_scored(token_file):
+    torch.manual_seed(0)
+    config = ModelConfig(block_size=16, vocab_size=64, n_layer=1, n_head=2, n_embd=32,
+                         pad_token_id=3, att_type="NoPE")  # fmt: skip
+    model = TransformerLM(config).eval()
+    result = length_perplexity(model, token_file, length=16, max_windows=10, ignore_index=3)
+    targets = token_file.tokens[1 : 10 * 16 + 1]
+    assert result.tokens == int((targets != 3).sum()) < 160
+
+
+# -- evaluate_run on a trained run ------------------------------------------------------------
+
+
+def tiny_raw(cache_dir: Path, att_type: str) -> dict:
+    return {
+        "name": "evaltiny",
+        "model": {"block_size": 32, "vocab_size": 512, "n_layer": 1, "n_head": 2, "n_embd": 32,
+                  "att_type": att_type},
+        "tokenizer": {"max_documents": 200},
+        "data": {"source": "wiki-sample", "max_documents": 300, "cache_dir": str(cache_dir)},
+        "train": {"max_steps": 4, "batch_size": 4, "eval_every": 2, "log_every": 2},
+        "eval": {"max_batches": 3, "lengths": ["1x", "2x"]},
+    }  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory) -> dict[str, Path]:
+    """Two tiny trained runs sharing one data cache: RoPE-SM and Learned-APE."""
+    root = tmp_path_factory.mktemp("eval-runs")
+    out = {}
+    for att_type in ("RoPE-SM", "Learned-APE"):
+        path = root / f"{att_type}.yaml"
+        path.write_text(yaml.safe_dump(tiny_raw(root / "cache", att_type)))
+        out[att_type] = root / att_type
+        run_experiment(load_experiment(path), out_dir=out[att_type], progress=False)
+    return out
+
+
+def test_eval_at_1x_reproduces_the_engine_final_validation_loss(runs):
+    run = runs["RoPE-SM"]
+    summary = json.loads((run / "summary.json").read_text())
+    report = evaluate_run(run, lengths=["1x"], max_windows=3 * 4, methods=["nonoverlapping"])
+    cell = report["results"]["1x"]["nonoverlapping"]
+    assert cell["windows"] == 12 and cell["tokens"] == 12 * 32
+    assert cell["loss"] == pytest.approx(summary["final_val_loss"], rel=1e-5)
+
+
+def test_eval_json_layout_and_default_lengths(runs):
+    run = runs["RoPE-SM"]
+    report = evaluate_run(run, max_windows=4)
+    saved = json.loads((run / "eval.json").read_text())
+    assert saved == {k: v for k, v in report.items() if k != "path"}
+    assert list(saved["results"]) == ["1x", "2x"]  # the run's eval.lengths
+    two = saved["results"]["2x"]
+    assert two["length"] == 64 and saved["block_size"] == 32
+    assert (
+        two["strided"]["stride"] == 32
+        and two["strided"]["tokens"] == two["nonoverlapping"]["tokens"]
+    )
+    assert two["strided"]["windows"] == 2 * two["nonoverlapping"]["windows"] - 1
+    assert saved["att_options"] == {} and saved["att_option_overrides"] == {}
+    assert not list(run.glob(".eval.json*"))  # atomic write left no temp file
+
+
+def test_learned_ape_beyond_block_size_is_na_with_the_reason(runs):
+    report = evaluate_run(runs["Learned-APE"], lengths=["1x", "2x", "100"], max_windows=2)
+    assert "ppl" in report["results"]["1x"]["nonoverlapping"]
+    assert "ppl" in report["results"]["1x"]["strided"]
+    for spec in ("2x", "100"):
+        for method in ("nonoverlapping", "strided"):
+            cell = report["results"][spec][method]
+            assert cell["status"] == "n/a"
+            assert "Learned-APE" in cell["reason"] and "block size of 32" in cell["reason"]
+
+
+def test_att_option_overrides_switch_on_rope_scaling(runs):
+    run = runs["RoPE-SM"]
+    options = parse_att_options(["scaling=yarn", "scale_factor=2"])
+    assert options == {"scaling": "yarn", "scale_factor": 2}
+    scaled = evaluate_run(run, lengths=["2x"], att_options=options, max_windows=2)
+    plain = evaluate_run(run, lengths=["2x"], max_windows=2, out=run / "plain.json")
+    assert Path(scaled["path"]).name == eval_file_name(options) != "eval.json"
+    assert scaled["att_options"]["scaling"] == "yarn"
+    assert scaled["att_option_overrides"] == options
+    a = scaled["results"]["2x"]["nonoverlapping"]["loss"]
+    b = plain["results"]["2x"]["nonoverlapping"]["loss"]
+    assert a != b  # different RoPE tables, same weights (a tiny model: a small difference)
+    # the same number from a model built by hand with the options and the checkpoint's weights
+    trained = load_model(run)
+    config = trained.config.model_copy(update={"att_options": options})
+    by_hand = TransformerLM(config)
+    by_hand.load_state_dict(trained.state_dict())
+    data = load_prepared(next((run.parent / "cache").glob("tokens-*")))
+    expected = length_perplexity(by_hand, data.val, length=64, max_windows=2, batch_size=1)
+    assert a == pytest.approx(expected.loss, rel=1e-6)
+
+
+def test_bad_att_option_names_the_key(runs, assert_one_sentence):
+    with pytest.raises(ConfigError) as info:
+        evaluate_run(runs["RoPE-SM"], lengths=["1x"], att_options={"scalin": "yarn"})
+    assert "scalin" in str(info.value) and "did you mean 'scaling'" in str(info.value)
+    assert_one_sentence(str(info.value))
+
+
+def test_run_dir_without_checkpoints(tmp_path, runs):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    (empty / "config.yaml").write_text((runs["RoPE-SM"] / "config.yaml").read_text())
+    with pytest.raises(CheckpointError, match="No 'best' checkpoint"):
+        evaluate_run(empty, lengths=["1x"])
+
+
+def invoke(*args: object) -> tuple[int, str]:
+    result = CliRunner().invoke(main, [str(a) for a in args])
+    return result.exit_code, result.output
+
+
+def test_cli_eval_prints_the_table(runs):
+    code, out = invoke(
+        "eval", runs["Learned-APE"], "--lengths", "1x,2x", "--max-windows", "2", "--stride", "8"
+    )
+    assert code == 0, out
+    assert "ppl nonoverlapping" in out and "ppl strided" in out
+    assert "n/a: Learned-APE does not run beyond its block size of 32 tokens" in out
+    saved = json.loads((runs["Learned-APE"] / "eval.json").read_text())
+    assert saved["results"]["1x"]["strided"]["stride"] == 8
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--lengths", "3y"], "Evaluation length '3y' is not understood"),
+        (["--att-option", "scaling"], "--att-option 'scaling': write it as KEY=VALUE"),
+        (["--stride", "2.5"], "Stride '2.5' is not understood"),
+    ],
+)
+def test_cli_eval_bad_input_is_one_line(runs, args, message):
+    code, out = invoke("eval", runs["RoPE-SM"], *args)
+    assert code == 1 and out.startswith(f"Error: {message}") and out.count("\n") == 1
+
+
+def test_cli_eval_on_a_directory_that_is_not_a_run(tmp_path):
+    code, out = invoke("eval", tmp_path)
+    assert code == 1 and "is not a run directory" in out and out.count("\n") == 1

@@ -1,0 +1,169 @@
+"""Sweeps: parsing --variants/--seeds, shared caches, skipping finished runs, resuming."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+from click.testing import CliRunner
+
+from ropelm.cli import main
+from ropelm.errors import ConfigError, UnknownAttentionError
+from ropelm.sweep import (
+    SweepError,
+    VariantChoice,
+    parse_seeds,
+    parse_variants,
+    plan_sweep,
+    run_sweep,
+)
+
+
+def test_parse_variants_with_options():
+    choices = parse_variants(["RoPE-SM,ALiBi", "RoPE-Sliding:window=32:n_kv_head=1"])
+    assert [c.name for c in choices] == ["RoPE-SM", "ALiBi", "RoPE-Sliding"]
+    sliding = choices[2]
+    assert sliding.options_dict == {"window": 32, "n_kv_head": 1}  # YAML-typed values
+    assert sliding.label == "RoPE-Sliding:window=32:n_kv_head=1"
+    assert sliding.dir_label == "RoPE-Sliding_window32_n_kv_head1"
+    assert VariantChoice("NoPE").dir_label == "NoPE"
+
+
+@pytest.mark.parametrize(
+    ("items", "message"),
+    [
+        (["RoPE-SM,RoPE-SM"], "names 'RoPE-SM' twice"),
+        (["RoPE-Sliding:window"], "write options as NAME:KEY=VALUE"),
+        ([":window=3"], "the variant name is missing"),
+        ([" , "], "--variants is empty"),
+    ],
+)
+def test_parse_variants_errors(items, message, assert_one_sentence):
+    with pytest.raises(ConfigError, match=message) as info:
+        parse_variants(items)
+    assert_one_sentence(str(info.value))
+
+
+def test_parse_seeds():
+    assert parse_seeds(["0,1", "2", "1"]) == [0, 1, 2]
+    with pytest.raises(ConfigError, match="'a' is not an integer"):
+        parse_seeds(["0,a"])
+
+
+@pytest.fixture()
+def experiment(tmp_path: Path) -> Path:
+    raw = {
+        "name": "sw",
+        "model": {"block_size": 32, "vocab_size": 512, "n_layer": 1, "n_head": 2, "n_embd": 32,
+                  "att_type": "RoPE-SM", "att_options": {"n_kv_head": 1}},
+        "tokenizer": {"max_documents": 200},
+        "data": {"source": "wiki-sample", "max_documents": 300,
+                 "cache_dir": str(tmp_path / "cache")},
+        "train": {"max_steps": 3, "batch_size": 4, "eval_every": 3, "log_every": 3},
+        "eval": {"max_batches": 2, "lengths": ["1x", "2x"]},
+    }  # fmt: skip
+    path = tmp_path / "sw.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    return path
+
+
+def test_plan_validates_every_run_and_sets_type_options_and_seed(experiment, tmp_path):
+    variants = parse_variants(["RoPE-SM,ALiBi,RoPE-Sliding:window=8"])
+    sweep_dir, runs = plan_sweep(experiment, variants, [0, 5])
+    assert sweep_dir == Path("runs/sw-sweep")
+    assert [(r.variant.name, r.seed) for r in runs] == [
+        ("RoPE-SM", 0), ("ALiBi", 0), ("RoPE-Sliding", 0),
+        ("RoPE-SM", 5), ("ALiBi", 5), ("RoPE-Sliding", 5),
+    ]  # fmt: skip
+    by_name = {(r.variant.name, r.seed): r for r in runs}
+    assert by_name[("RoPE-SM", 5)].config.model.att_options == {"n_kv_head": 1}  # the YAML's
+    assert by_name[("ALiBi", 0)].config.model.att_options == {}  # not RoPE-SM's options
+    assert by_name[("RoPE-Sliding", 0)].config.model.att_options == {"window": 8}
+    assert by_name[("ALiBi", 5)].config.train.seed == 5
+    assert by_name[("RoPE-Sliding", 5)].dir == sweep_dir / "RoPE-Sliding_window8-seed5"
+    assert not sweep_dir.exists()  # planning creates nothing
+
+
+def test_unknown_variant_fails_before_anything_runs(experiment, tmp_path, assert_one_sentence):
+    with pytest.raises(UnknownAttentionError) as info:
+        plan_sweep(experiment, parse_variants(["RoPE-SM,Alibi"]), [0], out=tmp_path / "s")
+    assert "did you mean 'ALiBi'" in str(info.value)
+    assert_one_sentence(str(info.value))
+    code, out = invoke("sweep", experiment, "--variants", "RoPE-SM,Alibi", "--out", tmp_path / "s")
+    assert code == 1 and out.startswith("Error: Unknown attention type 'Alibi'")
+    assert out.count("\n") == 1 and not (tmp_path / "s").exists()
+
+
+def test_bad_variant_option_fails_before_anything_runs(experiment, tmp_path):
+    code, out = invoke("sweep", experiment, "--variants", "RoPE-Sliding:windw=8",
+                       "--out", tmp_path / "s")  # fmt: skip
+    assert code == 1 and "model.att_options.windw" in out and "did you mean 'window'" in out
+    assert not (tmp_path / "s").exists()
+
+
+def invoke(*args: object) -> tuple[int, str]:
+    result = CliRunner().invoke(main, [str(a) for a in args])
+    return result.exit_code, result.output
+
+
+def test_sweep_trains_evaluates_compares_then_skips_and_resumes(experiment, tmp_path):
+    out = tmp_path / "sweep"
+    args = ["sweep", experiment, "--variants", "RoPE-SM,Learned-APE", "--seeds", "0",
+            "--out", out, "--max-windows", "2", "--quiet"]  # fmt: skip
+    code, text = invoke(*args)
+    assert code == 0, text
+    assert "(2 trained, 0 resumed, 0 skipped)" in text
+    runs = {p.name: p for p in out.iterdir() if p.is_dir()}
+    assert sorted(runs) == ["Learned-APE-seed0", "RoPE-SM-seed0"]
+    for run in runs.values():
+        assert (run / "summary.json").is_file()
+        report = json.loads((run / "eval.json").read_text())
+        assert list(report["results"]) == ["1x", "2x"] and report["max_windows"] == 2
+    ape = json.loads((runs["Learned-APE-seed0"] / "eval.json").read_text())
+    assert ape["results"]["2x"]["strided"]["status"] == "n/a"
+    # one tokenizer and one set of token files served both variants
+    cache = experiment.parent / "cache"
+    assert len(list(cache.glob("tokenizer-*"))) == 1 and len(list(cache.glob("tokens-*"))) == 1
+    comparison = (out / "comparison.md").read_text()
+    assert "| RoPE-SM:n_kv_head=1 " in comparison and "| Learned-APE " in comparison
+    manifest = json.loads((out / "sweep.json").read_text())
+    assert [r["status"] for r in manifest["runs"]] == ["trained", "trained"]
+    assert [r["evaluated"] for r in manifest["runs"]] == ["yes", "yes"]
+
+    # a re-run skips finished runs (and their evaluation) and touches no file
+    summaries = {n: (r / "summary.json").stat().st_mtime_ns for n, r in runs.items()}
+    evals = {n: (r / "eval.json").stat().st_mtime_ns for n, r in runs.items()}
+    code, text = invoke(*args)
+    assert code == 0, text
+    assert "(0 trained, 0 resumed, 2 skipped)" in text and "finished earlier, skipped" in text
+    assert {n: (r / "summary.json").stat().st_mtime_ns for n, r in runs.items()} == summaries
+    assert {n: (r / "eval.json").stat().st_mtime_ns for n, r in runs.items()} == evals
+
+    # an interrupted run (checkpoints, no summary) is resumed; a new seed is trained
+    (runs["RoPE-SM-seed0"] / "summary.json").unlink()
+    code, text = invoke(*args[:5], "0,1", *args[6:])
+    assert code == 0, text
+    assert "(2 trained, 1 resumed, 1 skipped)" in text
+    assert (out / "RoPE-SM-seed1" / "summary.json").is_file()
+    manifest = json.loads((out / "sweep.json").read_text())
+    assert [r["status"] for r in manifest["runs"]] == ["resumed", "skipped", "trained", "trained"]
+
+
+def test_sweep_refuses_a_run_dir_of_another_experiment(experiment, tmp_path, assert_one_sentence):
+    out = tmp_path / "sweep"
+    _, runs = plan_sweep(experiment, parse_variants(["NoPE"]), [0], out=out)
+    run = runs[0]
+    run.dir.mkdir(parents=True)
+    other = yaml.safe_load(run.config.model_dump_json())
+    other["train"]["learning_rate"] = 0.5
+    (run.dir / "config.yaml").write_text(yaml.safe_dump(other))
+    (run.dir / "summary.json").write_text("{}")
+    with pytest.raises(SweepError, match=r"1 of 1 runs failed \(NoPE seed 0\)") as info:
+        run_sweep(experiment, [run.variant], [0], out=out, progress=False, log=lambda m: None)
+    assert_one_sentence(str(info.value))
+    manifest = json.loads((out / "sweep.json").read_text())
+    assert manifest["runs"][0]["status"] == "failed"
+    assert "already holds a different experiment" in manifest["runs"][0]["error"]
+    assert json.loads((run.dir / "summary.json").read_text()) == {}  # left alone
