@@ -26,7 +26,8 @@ import torch
 from ropelm import TransformerLM
 from ropelm.config import validate
 from ropelm.data import prepare_data
-from ropelm.engine import build_optimizer, resolve_model_config, train
+from ropelm.engine import train
+from ropelm.recipe import build_optimizer, resolve_model_config
 from ropelm.runs import RunDir
 from ropelm.tokenizer import train_tokenizer
 

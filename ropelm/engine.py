@@ -31,93 +31,22 @@ from ropelm.checkpoint import (
 )
 from ropelm.config import ExperimentConfig, TrainConfig
 from ropelm.distributed import DistributedContext, init_distributed, resolve_device
-from ropelm.errors import ConfigError, RopelmError
+from ropelm.errors import RopelmError
 from ropelm.evaluate import evaluate_loss, perplexity
 from ropelm.model import ModelConfig, TransformerLM
+from ropelm.recipe import (
+    StepPlan,
+    build_optimizer,
+    lr_at,
+    resolve_model_config,
+    resolve_precision,
+)
 from ropelm.registry import Registry
 from ropelm.runs import RunDir
 
 
 class TrainingError(RopelmError):
     """Training cannot go on (a non-finite loss, ...); the message says what to do."""
-
-
-def lr_at(step: int, total_steps: int, train: TrainConfig) -> float:
-    """Learning rate for optimizer step ``step`` (0-based): linear warmup, then cosine decay.
-
-    The cosine runs from ``learning_rate`` at the end of warmup down to
-    ``learning_rate * min_lr_ratio`` at ``total_steps``.
-    """
-    peak = train.learning_rate
-    if step < train.warmup_steps:
-        return peak * (step + 1) / train.warmup_steps
-    decay_steps = max(1, total_steps - train.warmup_steps)
-    progress = min(1.0, (step - train.warmup_steps) / decay_steps)
-    floor = peak * train.min_lr_ratio
-    return floor + 0.5 * (peak - floor) * (1.0 + math.cos(math.pi * progress))
-
-
-def build_optimizer(
-    model: torch.nn.Module, train: TrainConfig, device: torch.device
-) -> torch.optim.AdamW:
-    """AdamW with weight decay on matrices (dim >= 2) only: not on biases, norms or gains."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    groups = [
-        {"params": [p for p in params if p.dim() >= 2], "weight_decay": train.weight_decay},
-        {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
-    ]
-    return torch.optim.AdamW(
-        groups, lr=train.learning_rate, betas=train.betas, fused=device.type == "cuda" or None
-    )
-
-
-def resolve_precision(train: TrainConfig, device: torch.device) -> torch.dtype | None:
-    """The autocast dtype, or None for plain fp32.
-
-    ``auto`` means bf16 on CUDA devices that support it, fp16 (with a gradient
-    scaler) on older GPUs, and fp32 on the CPU.
-    """
-    choice = train.precision
-    if choice == "auto":
-        if device.type != "cuda":
-            return None
-        choice = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-    if choice == "fp16" and device.type != "cuda":
-        raise ConfigError("train.precision: fp16 needs a CUDA device; use fp32 or bf16 on the CPU.")
-    return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[choice]
-
-
-def resolve_model_config(config: ExperimentConfig, vocab_size: int, pad_id: int) -> ModelConfig:
-    """The experiment's model with the tokenizer's padding id filled in."""
-    model = config.model
-    if vocab_size > model.vocab_size:
-        raise ConfigError(
-            f"model.vocab_size ({model.vocab_size}) is smaller than the tokenizer's "
-            f"vocabulary ({vocab_size}); raise model.vocab_size or retrain the tokenizer."
-        )
-    if model.pad_token_id is not None and model.pad_token_id != pad_id:
-        raise ConfigError(
-            f"model.pad_token_id is {model.pad_token_id} but the tokenizer pads with {pad_id}; "
-            "remove model.pad_token_id from the YAML (it comes from the tokenizer)."
-        )
-    return model.model_copy(update={"pad_token_id": pad_id})
-
-
-@dataclass
-class StepPlan:
-    """How many optimizer steps the run takes, derived from the config and the data."""
-
-    tokens_per_step: int
-    steps_per_epoch: int
-    total_steps: int
-
-    @classmethod
-    def build(cls, train: TrainConfig, block_size: int, train_tokens: int, world: int) -> StepPlan:
-        tokens_per_step = train.batch_size * world * train.grad_accum_steps * block_size
-        epoch_tokens = train.tokens_per_epoch or train_tokens
-        steps_per_epoch = max(1, epoch_tokens // tokens_per_step)
-        total = train.max_steps or train.num_epochs * steps_per_epoch
-        return cls(tokens_per_step, steps_per_epoch, total)
 
 
 @dataclass

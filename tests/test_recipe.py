@@ -1,3 +1,4 @@
+import itertools
 import math
 
 import pytest
@@ -5,8 +6,8 @@ import torch
 
 from ropelm import ModelConfig, TransformerLM
 from ropelm.config import TrainConfig
-from ropelm.engine import StepPlan, build_optimizer, lr_at, resolve_precision
 from ropelm.errors import ConfigError
+from ropelm.recipe import StepPlan, build_optimizer, lr_at, resolve_precision
 
 
 def test_lr_warms_up_linearly_then_follows_a_cosine_to_the_floor():
@@ -18,7 +19,7 @@ def test_lr_warms_up_linearly_then_follows_a_cosine_to_the_floor():
     assert lr_at(halfway, total, tc) == pytest.approx(1e-4 + 0.5 * (1e-3 - 1e-4))
     assert lr_at(total, total, tc) == pytest.approx(1e-4)
     decay = [lr_at(s, total, tc) for s in range(10, total + 1)]
-    assert all(a >= b for a, b in zip(decay, decay[1:], strict=False))
+    assert all(a >= b for a, b in itertools.pairwise(decay))
 
 
 def test_lr_without_warmup_starts_at_the_peak():
