@@ -28,6 +28,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 
+from ropelm.atomic import atomic_path
 from ropelm.evaluate import METHODS
 
 if TYPE_CHECKING:
@@ -144,9 +145,10 @@ def plot_throughput(benches: Sequence[dict[str, Any]]) -> Figure:
 
 
 def save_figure(fig: Figure, path: Path) -> Path:
-    """Write ``fig`` as a PNG and close it."""
+    """Write ``fig`` as a PNG (atomically) and close it."""
     try:
-        fig.savefig(path, format="png", dpi=DPI)
+        with atomic_path(path) as tmp:
+            fig.savefig(tmp, format="png", dpi=DPI)
     finally:
         plt.close(fig)
     return path
@@ -156,6 +158,7 @@ def save_plots(
     records: Sequence[RunRecord], benches: Sequence[dict[str, Any]], out: Path
 ) -> list[Path]:
     """Write the plots that the data allows into ``out``; return their paths."""
+    out.mkdir(parents=True, exist_ok=True)
     written = [save_figure(plot_val_loss(records), out / "val_loss.png")]
     if any(r.evals for r in records):
         written.append(save_figure(plot_length_ppl(records), out / "ppl_vs_length.png"))

@@ -191,8 +191,8 @@ class Table:
                 if is_stat:
                     if isinstance(cell, Stat):
                         line += [repr(cell.mean), "" if cell.std is None else repr(cell.std)]
-                    else:
-                        line += ["", ""]
+                    else:  # n/a, or a number shown as text (identical over seeds)
+                        line += ["" if cell is None else cell, ""]
                 else:
                     line.append("" if cell is None else cell)
             writer.writerow(line)
@@ -220,6 +220,13 @@ def _bench_lookup(benches: Sequence[dict[str, Any]]) -> dict[tuple[str, int], di
     return table
 
 
+def _params_cell(counts: list[int]) -> str | Stat | None:
+    """Millions of parameters: one number when every seed has the same (the usual case)."""
+    if len(set(counts)) == 1:
+        return f"{counts[0] / 1e6:.3f}"
+    return Stat.of(c / 1e6 for c in counts)
+
+
 def summary_table(
     groups: dict[str, list[RunRecord]],
     benches: Sequence[dict[str, Any]] = (),
@@ -232,7 +239,7 @@ def summary_table(
         block_sizes = [r.block_size for runs in groups.values() for r in runs]
         bench_length = next((b for b in block_sizes if b in lengths), lengths[-1])
     headers = ["variant", "seeds", "params (M)", "val ppl", "train tokens/s"]
-    digits, thousands = [0, 0, 2, 2, 0], [False, False, False, False, True]
+    digits, thousands = [0, 0, 3, 2, 0], [False, False, False, False, True]
     if lookup:
         headers += [f"fwd+bwd tokens/s @T={bench_length}", f"peak MB @T={bench_length}"]
         digits += [0, 1]
@@ -242,7 +249,7 @@ def summary_table(
         row: list[Any] = [
             label,
             len(runs),
-            Stat.of(r.summary["n_params"] / 1e6 for r in runs),
+            _params_cell([r.summary["n_params"] for r in runs]),
             Stat.of(r.summary.get("final_val_ppl") for r in runs),
             Stat.of(r.summary.get("train_tokens_per_s") for r in runs),
         ]
@@ -273,8 +280,8 @@ def length_table(groups: dict[str, list[RunRecord]], method: str) -> Table:
         row: list[Any] = [name]
         for spec in order:
             values, missing = [], False
-            for run in groups[label]:
-                cell = run.evals.get(eval_label, {}).get("results", {}).get(spec, {}).get(method)
+            for run in (r for r in groups[label] if eval_label in r.evals):  # seeds evaluated
+                cell = run.evals[eval_label].get("results", {}).get(spec, {}).get(method)
                 if cell is None or "ppl" not in cell:
                     missing = True
                 else:
