@@ -1,0 +1,370 @@
+"""``ropelm-exp bench``: throughput, peak memory and MFU of every variant, side by side.
+
+For each device (the CPU; CUDA when present) and sequence length T, one model
+per variant (the same shape, ``block_size`` = the longest T, dropout 0, seed 0)
+is timed on the same random batch (B, T):
+
+* forward: ``model(x)`` under ``torch.no_grad()``;
+* forward+backward: ``loss.backward()`` of the training loss (gradients are
+  cleared between steps, the optimizer step is not included).
+
+Variants are interleaved round by round, in alternating order (ABBA...), so
+drift of a shared machine hits all alike; a time is the median over rounds, and
+``*_ratio_vs_ref`` is the median of the per-round ratios of the reference
+variant's time (RoPE-SM) to this variant's: tokens/s relative to the reference.
+On CUDA the model runs under bf16 autocast (as training does) and every timed
+step is synchronised.
+
+Peak memory (``*_peak_mb``): the most memory allocated *during* one step above
+what was allocated before it (activations, gradients, temporaries; parameters
+are not included, ``param_mb`` gives them):
+
+* CUDA: ``torch.cuda.max_memory_allocated() - torch.cuda.memory_allocated()``
+  around the step, after ``reset_peak_memory_stats()``;
+* CPU: the allocation and free events of the PyTorch CPU allocator recorded by
+  ``torch.profiler`` (``profile_memory=True``) during one step, summed in time
+  order; the peak of that running sum. This counts every tensor and kernel
+  workspace the step allocates through PyTorch, and is independent of the
+  process's history (unlike the RSS high-water mark, which never goes down and
+  includes the allocator's cached pages and the Python heap).
+
+MFU (CUDA only, or with ``peak_tflops`` given) uses one formula for every
+variant, PaLM's (Chowdhery et al., 2022, appendix B,
+https://arxiv.org/abs/2204.02311): a forward+backward pass costs per token::
+
+    6 N + 12 L H Q T   FLOPs
+
+with N the parameters of the matrix multiplications (every parameter except the
+token and position embedding tables, which are lookups; the untied LM head is
+included), L layers, H heads, Q head size and T the sequence length; the
+forward pass alone is a third of it (2 N + 4 L H Q T). MFU = tokens/s x FLOPs
+per token / peak FLOP/s of the device (bf16 dense, :data:`PEAK_TFLOPS`). The
+attention term is that of dense causal-free attention for every variant, so for
+sliding-window or linear attention MFU is "dense-equivalent" utilisation.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import platform
+import statistics
+import sys
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from ropelm.errors import RopelmError
+from ropelm.model import ModelConfig, TransformerLM
+from ropelm.registry import Registry
+from ropelm.sweep import VariantChoice
+
+REFERENCE = "RoPE-SM"
+MB = 2**20
+
+#: Peak dense bf16 tensor throughput (TFLOP/s) by GPU name fragment, from vendor data sheets.
+PEAK_TFLOPS = {
+    "H200": 989.0,
+    "H100 PCIe": 756.0,
+    "H100": 989.0,
+    "A100": 312.0,
+    "A10G": 125.0,
+    "A10": 125.0,
+    "L40S": 362.0,
+    "L4": 121.0,
+    "V100": 125.0,
+    "RTX 4090": 165.0,
+    "RTX 3090": 71.0,
+}
+
+
+def matmul_params(model: TransformerLM) -> int:
+    """N of the FLOP formula: all parameters except the embedding tables (lookups, no FLOPs)."""
+    skip = {id(p) for p in model.tok_emb.parameters()}
+    if model.pos_emb is not None:
+        skip |= {id(p) for p in model.pos_emb.parameters()}
+    return sum(p.numel() for p in model.parameters() if id(p) not in skip)
+
+
+def flops_per_token(config: ModelConfig, n_matmul: int, seq_len: int, backward: bool) -> float:
+    """PaLM appendix B: 6 N + 12 L H Q T per token for forward+backward; a third for forward."""
+    per_token = 6 * n_matmul + 12 * config.n_layer * config.n_head * config.head_size * seq_len
+    return float(per_token if backward else per_token / 3)
+
+
+def peak_flops(device: torch.device, peak_tflops: float | None = None) -> float | None:
+    """Peak FLOP/s of ``device``: ``peak_tflops`` if given, else the table for known GPUs."""
+    if peak_tflops is not None:
+        return peak_tflops * 1e12
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    for fragment, tflops in PEAK_TFLOPS.items():  # longer fragments first where it matters
+        if fragment in name:
+            return tflops * 1e12
+    return None
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+@contextlib.contextmanager
+def _native_stderr_silenced() -> Iterator[None]:
+    """Send file descriptor 2 to /dev/null: the profiler's C++ side logs every start and stop."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "w") as devnull:
+            os.dup2(devnull.fileno(), 2)
+            yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
+def peak_step_memory(step: Callable[[], None], device: torch.device) -> int:
+    """Bytes allocated during ``step()`` at its peak, above what was allocated before it."""
+    if device.type == "cuda":
+        _sync(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        before = torch.cuda.memory_allocated(device)
+        step()
+        _sync(device)
+        return max(0, torch.cuda.max_memory_allocated(device) - before)
+    from torch.profiler import ProfilerActivity, profile
+
+    with (
+        _native_stderr_silenced(),
+        profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof,
+    ):
+        step()
+    events = [e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"]
+    events.sort(key=lambda e: e.start_ns())
+    live = peak = 0
+    for event in events:
+        if event.device_type() == torch.autograd.DeviceType.CPU:
+            live += event.nbytes()  # + allocation, - free
+            peak = max(peak, live)
+    return peak
+
+
+@dataclass
+class _Candidate:
+    """A variant's model on one device (None when it could not be built, with the reason)."""
+
+    choice: VariantChoice
+    model: TransformerLM | None
+    reason: str | None = None
+
+
+def _build(
+    choice: VariantChoice, config: ModelConfig, registry: Registry, device: torch.device
+) -> _Candidate:
+    variant_config = config.model_copy(
+        update={"att_type": choice.name, "att_options": choice.options_dict}
+    )
+    try:
+        torch.manual_seed(0)
+        model = TransformerLM(variant_config, registry).to(device).train()
+    except (RopelmError, RuntimeError) as err:  # a shape the variant rejects, out of memory
+        return _Candidate(choice, None, str(err).splitlines()[0])
+    return _Candidate(choice, model)
+
+
+def bench_variants(
+    variants: Sequence[VariantChoice],
+    lengths: Sequence[int],
+    *,
+    model: ModelConfig,
+    batch_size: int = 4,
+    devices: Sequence[str] = ("cpu",),
+    rounds: int = 5,
+    warmup: int = 2,
+    memory: bool = True,
+    peak_tflops: float | None = None,
+    registry: Registry | None = None,
+    log: Callable[[str], None] = print,
+) -> dict[str, Any]:
+    """Measure every variant at every length on every device; return the bench JSON dict."""
+    import ropelm
+
+    registry = registry or Registry.default()
+    for choice in variants:  # unknown names and bad options fail before any timing
+        registry.get(choice.name).parse_options(choice.options_dict)
+    lengths = sorted(set(lengths))
+    config = model.model_copy(update={"block_size": max(lengths), "dropout": 0.0})
+    reference = next((v.label for v in variants if v.label == REFERENCE), None)
+    results: list[dict[str, Any]] = []
+    names: dict[str, str] = {}
+    for device_str in devices:
+        device = torch.device(device_str)
+        names[device_str] = device_name(device)
+        amp = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else None
+        candidates = [_build(v, config, registry, device) for v in variants]
+        for length in lengths:
+            log(f"bench {device_str} T={length}")
+            rows = _measure_length(
+                candidates, length, batch_size, device, rounds, warmup, memory, amp,
+                reference, peak_flops(device, peak_tflops), config,
+            )  # fmt: skip
+            results += rows
+        del candidates
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    return {
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "ropelm": ropelm.__version__,
+        "torch": torch.__version__,
+        "device_name": "; ".join(f"{d}: {n}" for d, n in names.items()),
+        "threads": torch.get_num_threads(),
+        "model": config.model_dump(mode="json"),
+        "batch_size": batch_size,
+        "rounds": rounds,
+        "warmup": warmup,
+        "reference": reference,
+        "precision": {"cpu": "fp32", "cuda": "bf16 autocast"},
+        "flop_formula": "PaLM appendix B: 6N + 12*L*H*Q*T per token (fwd+bwd), 1/3 of it (fwd); "
+        "N = parameters except embedding tables",
+        "memory_method": "peak bytes allocated during one step above the allocation before it: "
+        "CUDA max_memory_allocated; CPU torch.profiler allocator events",
+        "results": results,
+    }
+
+
+def _measure_length(
+    candidates: list[_Candidate],
+    length: int,
+    batch_size: int,
+    device: torch.device,
+    rounds: int,
+    warmup: int,
+    memory: bool,
+    amp: Any,
+    reference: str | None,
+    peak: float | None,
+    config: ModelConfig,
+) -> list[dict[str, Any]]:
+    generator = torch.Generator().manual_seed(length)
+    x = torch.randint(0, config.vocab_size, (batch_size, length), generator=generator).to(device)
+    y = torch.roll(x, -1, dims=1)  # (B, T) any valid targets
+    autocast = (lambda: amp) if amp is not None else contextlib.nullcontext
+
+    def forward(model: TransformerLM) -> None:
+        with torch.no_grad(), autocast():
+            model(x)
+
+    def forward_backward(model: TransformerLM) -> None:
+        model.zero_grad(set_to_none=True)
+        with autocast():
+            _, loss = model(x, y)
+        loss.backward()
+
+    def timed(step: Callable[[TransformerLM], None], model: TransformerLM) -> float:
+        _sync(device)
+        start = time.perf_counter()
+        step(model)
+        _sync(device)
+        return time.perf_counter() - start
+
+    live = [c for c in candidates if c.model is not None]
+    fwd: dict[str, list[float]] = {c.choice.label: [] for c in live}
+    fwd_bwd: dict[str, list[float]] = {c.choice.label: [] for c in live}
+    failed: dict[str, str] = {c.choice.label: c.reason for c in candidates if c.model is None}
+    for number in range(warmup + rounds):
+        order = live if number % 2 == 0 else list(reversed(live))
+        for c in order:
+            label = c.choice.label
+            if label in failed:
+                continue
+            try:
+                f, fb = timed(forward, c.model), timed(forward_backward, c.model)
+            except (RopelmError, RuntimeError) as err:  # cannot run at T, out of memory
+                failed[label] = str(err).splitlines()[0]
+                continue
+            if number >= warmup:
+                fwd[label].append(f)
+                fwd_bwd[label].append(fb)
+    ref = reference if reference is not None and reference not in failed else None
+    rows = []
+    for c in candidates:
+        label = c.choice.label
+        row: dict[str, Any] = {
+            "variant": label,
+            "att_type": c.choice.name,
+            "att_options": c.choice.options_dict,
+            "device": str(device),
+            "T": length,
+            "batch_size": batch_size,
+        }
+        if label in failed or c.model is None:
+            rows.append({**row, "status": "n/a", "reason": failed.get(label, c.reason)})
+            continue
+        tokens = batch_size * length
+        n_matmul = matmul_params(c.model)
+        fwd_s, fwd_bwd_s = statistics.median(fwd[label]), statistics.median(fwd_bwd[label])
+        row |= {
+            "status": "ok",
+            "fwd_ms": fwd_s * 1e3,
+            "fwd_bwd_ms": fwd_bwd_s * 1e3,
+            "fwd_tokens_per_s": tokens / fwd_s,
+            "fwd_bwd_tokens_per_s": tokens / fwd_bwd_s,
+            "n_params": c.model.num_parameters(),
+            "param_mb": sum(p.numel() * p.element_size() for p in c.model.parameters()) / MB,
+            "flops_per_token_fwd_bwd": flops_per_token(c.model.config, n_matmul, length, True),
+        }
+        if ref is not None:
+            row["fwd_ratio_vs_ref"] = statistics.median(
+                r / t for r, t in zip(fwd[ref], fwd[label], strict=True)
+            )
+            row["fwd_bwd_ratio_vs_ref"] = statistics.median(
+                r / t for r, t in zip(fwd_bwd[ref], fwd_bwd[label], strict=True)
+            )
+        if peak is not None:
+            row["mfu"] = row["fwd_bwd_tokens_per_s"] * row["flops_per_token_fwd_bwd"] / peak
+            row["mfu_fwd"] = (
+                row["fwd_tokens_per_s"]
+                * flops_per_token(c.model.config, n_matmul, length, False)
+                / peak
+            )
+        if memory:
+            model = c.model
+            row["fwd_peak_mb"] = peak_step_memory(lambda m=model: forward(m), device) / MB
+            row["fwd_bwd_peak_mb"] = (
+                peak_step_memory(lambda m=model: forward_backward(m), device) / MB
+            )
+            model.zero_grad(set_to_none=True)
+        rows.append(row)
+    return rows
+
+
+def format_bench_table(bench: dict[str, Any]) -> str:
+    """The bench results as a table: one row per device x T x variant."""
+    from tabulate import tabulate
+
+    rows = []
+    for r in bench["results"]:
+        if r["status"] != "ok":
+            rows.append([r["device"], r["T"], r["variant"], "n/a", "", "", "", "", r["reason"]])
+            continue
+        rows.append([
+            r["device"], r["T"], r["variant"], f"{r['fwd_tokens_per_s']:,.0f}",
+            f"{r['fwd_bwd_tokens_per_s']:,.0f}",
+            f"{r['fwd_bwd_ratio_vs_ref']:.2f}" if "fwd_bwd_ratio_vs_ref" in r else "",
+            f"{r['fwd_bwd_peak_mb']:.1f}" if "fwd_bwd_peak_mb" in r else "",
+            f"{r['mfu']:.1%}" if "mfu" in r else "", "",
+        ])  # fmt: skip
+    ref = bench.get("reference") or "ref"
+    headers = ["device", "T", "variant", "fwd tok/s", "fwd+bwd tok/s", f"fwd+bwd vs {ref}",
+               "fwd+bwd peak MB", "MFU", "note"]  # fmt: skip
+    return tabulate(rows, headers=headers, tablefmt="simple", disable_numparse=True)
