@@ -322,6 +322,11 @@ def _restore(
     state: _State,
     device: torch.device,
 ) -> None:
+    if not (run_dir.checkpoints / "last.json").is_file():
+        raise TrainingError(
+            f"Cannot resume {run_dir.path}: it was stopped before its first checkpoint; "
+            "delete the directory and start the run again."
+        )
     directory = resolve_checkpoint(run_dir.path, "last")
     verify_checkpoint(directory)
     load_weights(model, directory, device)

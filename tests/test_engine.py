@@ -20,6 +20,7 @@ from ropelm.config import load_experiment
 from ropelm.engine import TrainingError
 from ropelm.errors import ConfigError, DataError
 from ropelm.pipeline import run_experiment
+from ropelm.runs import RunDir
 
 CLI = [sys.executable, "-m", "ropelm.cli"]
 
@@ -237,3 +238,11 @@ def test_compiled_training_matches_eager(tmp_path, cache_dir):
     assert max(abs(a - b) for a, b in zip(losses[False], losses[True], strict=True)) < 1e-4
     weights = _final_weights(tmp_path / "run-True")
     assert not any(name.startswith("_orig_mod") for name in weights)
+
+
+def test_resuming_a_run_without_checkpoint_says_to_restart(tmp_path, cache_dir):
+    config = load_experiment(write_yaml(tmp_path / "exp.yaml", tiny_experiment(cache_dir)))
+    run_dir = tmp_path / "run"
+    RunDir(run_dir).claim(config, resume=False)  # as a run killed before its first checkpoint
+    with pytest.raises(TrainingError, match="stopped before its first checkpoint"):
+        run_experiment(config, out_dir=run_dir, resume=True, progress=False)
