@@ -387,6 +387,12 @@ def generate_command(
     "the same tokens). Default: the whole validation split.",
 )
 @click.option(
+    "--max-tokens",
+    type=click.IntRange(min=1),
+    help="At most this many scored tokens per length, in whole windows; a multiple of every "
+    "length (e.g. 131072) makes all lengths score the same tokens.",
+)
+@click.option(
     "--stride",
     default="0.5",
     show_default=True,
@@ -419,6 +425,7 @@ def eval_command(
     lengths: tuple[str, ...],
     att_options: tuple[str, ...],
     max_windows: int | None,
+    max_tokens: int | None,
     stride: str,
     methods: tuple[str, ...],
     batch_size: int | None,
@@ -440,6 +447,7 @@ def eval_command(
       ropelm-exp eval runs/quickstart --lengths 4x --att-option scaling=yarn \
           --att-option scale_factor=4
       ropelm-exp eval runs/quickstart --lengths 512,1024 --max-windows 50 --stride 64
+      ropelm-exp eval runs/quickstart --lengths 1x,2x,4x,8x --max-tokens 131072
     """
     from ropelm.evaluate import METHODS
     from ropelm.extrapolation import evaluate_run, format_eval_table, parse_att_options
@@ -449,6 +457,7 @@ def eval_command(
         lengths=list(lengths) or None,
         att_options=parse_att_options(att_options),
         max_windows=max_windows,
+        max_tokens=max_tokens,
         stride=stride,
         batch_size=batch_size,
         methods=list(methods) or METHODS,
@@ -492,6 +501,11 @@ def eval_command(
     type=click.IntRange(min=1),
     help="Cap on evaluation windows per length (see `ropelm-exp eval`).",
 )
+@click.option(
+    "--max-tokens",
+    type=click.IntRange(min=1),
+    help="Cap on scored tokens per length (see `ropelm-exp eval`).",
+)
 @click.option("--no-eval", is_flag=True, help="Train only; skip the length evaluation.")
 @quiet_option
 def sweep_command(
@@ -502,6 +516,7 @@ def sweep_command(
     out_dir: Path | None,
     lengths: tuple[str, ...],
     max_windows: int | None,
+    max_tokens: int | None,
     no_eval: bool,
     quiet: bool,
 ) -> None:
@@ -523,7 +538,8 @@ def sweep_command(
     choices = parse_variants(variants)
     sweep_dir, runs = run_sweep(
         experiment, choices, parse_seeds(seeds), overrides=overrides, out=out_dir,
-        lengths=list(lengths) or None, max_windows=max_windows, evaluate=not no_eval,
+        lengths=list(lengths) or None, max_windows=max_windows, max_tokens=max_tokens,
+        evaluate=not no_eval,
         progress=not quiet, log=click.echo,
     )  # fmt: skip
     counts = {s: sum(r.status == s for r in runs) for s in ("trained", "resumed", "skipped")}

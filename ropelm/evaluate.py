@@ -180,10 +180,18 @@ class WindowPlan:
         return len(self.starts)
 
 
-def window_plan(num_tokens: int, length: int, stride: int, max_windows: int | None) -> WindowPlan:
+def window_plan(
+    num_tokens: int,
+    length: int,
+    stride: int,
+    max_windows: int | None,
+    max_tokens: int | None = None,
+) -> WindowPlan:
     """The strided windows that score the targets of the first ``n`` non-overlapping windows.
 
-    ``n = min((num_tokens - 1) // length, max_windows)``. Windows start at
+    ``n = min((num_tokens - 1) // length, max_windows, max_tokens // length)``: a
+    token cap that is a multiple of every length makes every length score the
+    very same targets. Windows start at
     0, S, 2 S, ... and a last one ends exactly at target ``n * length``; window
     k > 0 scores the targets after those of window k - 1, so each of them has at
     least ``length - stride`` tokens of context. ``stride == length`` gives the
@@ -194,6 +202,8 @@ def window_plan(num_tokens: int, length: int, stride: int, max_windows: int | No
     n = (num_tokens - 1) // length
     if max_windows is not None:
         n = min(n, max_windows)
+    if max_tokens is not None:
+        n = min(n, max_tokens // length)
     if n < 1:
         empty = np.zeros(0, dtype=np.int64)
         return WindowPlan(length, stride, empty, empty)
@@ -242,6 +252,7 @@ def length_perplexity(
     stride: int | None = None,
     batch_size: int = 8,
     max_windows: int | None = None,
+    max_tokens: int | None = None,
     device: torch.device | str = "cpu",
     autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
     ignore_index: int | None = None,
@@ -250,15 +261,22 @@ def length_perplexity(
 
     ``stride=None`` (or ``length``) is the non-overlapping method; a smaller
     stride is the strided method (see the module docstring). Both score the
-    targets of the first ``max_windows`` non-overlapping windows. ``batch_size``
-    counts windows per forward pass. Targets equal to ``ignore_index`` (the
-    padding id) are not scored, as in training.
+    targets of the first ``n`` non-overlapping windows, n capped by
+    ``max_windows`` and by ``max_tokens // length``. ``batch_size`` counts
+    windows per forward pass. Targets equal to ``ignore_index`` (the padding
+    id) are not scored, as in training.
 
     Raises:
         ropelm.DataError: the split has fewer than ``length + 1`` tokens.
+        LengthSpecError: ``max_tokens`` is smaller than one window.
     """
     token_file.num_eval_windows(length)  # one window must fit, else a DataError
-    plan = window_plan(len(token_file), length, stride or length, max_windows)
+    if max_tokens is not None and max_tokens < length:
+        raise LengthSpecError(
+            f"A cap of {max_tokens} tokens is less than one window of {length} tokens; "
+            "raise --max-tokens or leave it out."
+        )
+    plan = window_plan(len(token_file), length, stride or length, max_windows, max_tokens)
     was_training = model.training
     model.eval()
     total_nll = torch.zeros((), dtype=torch.float64, device=device)

@@ -12,7 +12,8 @@ instead of an error.
 
     {"run_dir": ..., "checkpoint": ..., "step": 300, "att_type": "RoPE-SM",
      "att_options": {...effective...}, "att_option_overrides": {...},
-     "block_size": 128, "max_windows": null, "stride": "0.5", "batch_tokens": 2048,
+     "block_size": 128, "max_windows": null, "max_tokens": null, "stride": "0.5",
+     "batch_tokens": 2048,
      "results": {
         "2x": {"length": 256,
                "nonoverlapping": {"loss": 3.9, "ppl": 49.4, "tokens": 98304, "windows": 384},
@@ -102,6 +103,7 @@ def evaluate_run(
     lengths: Iterable[str] | None = None,
     att_options: Mapping[str, Any] | None = None,
     max_windows: int | None = None,
+    max_tokens: int | None = None,
     stride: str = "0.5",
     batch_size: int | None = None,
     methods: Iterable[str] = METHODS,
@@ -117,6 +119,8 @@ def evaluate_run(
         att_options: overrides of the model's ``att_options`` (same weights).
         max_windows: cap on non-overlapping windows per length (the strided method
             scores the same targets).
+        max_tokens: cap on scored targets per length (whole windows); a multiple of
+            every length makes all lengths score the same targets.
         stride: strided method's stride, a fraction of the length or tokens.
         batch_size: windows of ``block_size`` tokens per forward pass (default the
             run's eval.batch_size or train.batch_size); longer windows are batched
@@ -182,6 +186,7 @@ def evaluate_run(
                 result = length_perplexity(
                     model, data.val, length=length, stride=step,
                     batch_size=max(1, batch_tokens // length), max_windows=max_windows,
+                    max_tokens=max_tokens,
                     device=torch_device, autocast=autocast,
                     ignore_index=model_config.pad_token_id,
                 )  # fmt: skip
@@ -206,6 +211,7 @@ def evaluate_run(
         "att_option_overrides": overrides,
         "block_size": block_size,
         "max_windows": max_windows,
+        "max_tokens": max_tokens,
         "stride": str(stride),
         "batch_tokens": batch_tokens,
         "device": str(torch_device),

@@ -198,7 +198,9 @@ def _prepare_run_dir(run: PlannedRun) -> bool:
     )
 
 
-def _has_eval(run: PlannedRun, lengths: list[str], max_windows: int | None) -> bool:
+def _has_eval(
+    run: PlannedRun, lengths: list[str], max_windows: int | None, max_tokens: int | None
+) -> bool:
     from ropelm.extrapolation import EVAL_FILE, read_eval
 
     path = run.dir / EVAL_FILE
@@ -208,9 +210,8 @@ def _has_eval(run: PlannedRun, lengths: list[str], max_windows: int | None) -> b
         report = read_eval(path)
     except RopelmError:
         return False
-    return report.get("max_windows") == max_windows and all(
-        length in report.get("results", {}) for length in lengths
-    )
+    same_caps = (report.get("max_windows"), report.get("max_tokens")) == (max_windows, max_tokens)
+    return same_caps and all(length in report.get("results", {}) for length in lengths)
 
 
 def run_sweep(
@@ -222,6 +223,7 @@ def run_sweep(
     out: str | Path | None = None,
     lengths: Iterable[str] | None = None,
     max_windows: int | None = None,
+    max_tokens: int | None = None,
     evaluate: bool = True,
     progress: bool = True,
     log: Callable[[str], None] = print,
@@ -250,6 +252,7 @@ def run_sweep(
                 "seeds": list(seeds),
                 "lengths": eval_lengths,
                 "max_windows": max_windows,
+                "max_tokens": max_tokens,
                 "runs": [r.record() for r in runs],
             },
         )
@@ -274,11 +277,14 @@ def run_sweep(
             save_manifest()
             continue
         if evaluate:
-            if _has_eval(run, eval_lengths, max_windows):
+            if _has_eval(run, eval_lengths, max_windows, max_tokens):
                 run.evaluated = "skipped"
             else:
                 try:
-                    evaluate_run(run.dir, lengths=eval_lengths, max_windows=max_windows)
+                    evaluate_run(
+                        run.dir, lengths=eval_lengths, max_windows=max_windows,
+                        max_tokens=max_tokens,
+                    )  # fmt: skip
                     run.evaluated = "yes"
                 except RopelmError as err:
                     run.evaluated, run.error = "failed", str(err)

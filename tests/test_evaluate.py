@@ -98,6 +98,12 @@ def test_window_plan_with_stride_equal_length_is_non_overlapping():
     assert strided.starts.tolist() == [0, 5, 10, 15, 20, 25, 30]
 
 
+def test_token_cap_makes_every_length_score_the_same_targets():
+    plans = [window_plan(1000, length, length // 2, None, max_tokens=256) for length in (16, 64)]
+    assert [p.span for p in plans] == [256, 256]
+    assert window_plan(1000, 100, 50, max_windows=9, max_tokens=256).span == 200
+
+
 def test_window_plan_too_short():
     assert window_plan(num_tokens=5, length=8, stride=4, max_windows=None).num_windows == 0
 
@@ -248,6 +254,22 @@ def test_learned_ape_beyond_block_size_is_na_with_the_reason(runs):
             cell = report["results"][spec][method]
             assert cell["status"] == "n/a"
             assert "Learned-APE" in cell["reason"] and "block size of 32" in cell["reason"]
+
+
+def test_max_tokens_scores_the_same_targets_at_every_length(runs):
+    report = evaluate_run(runs["RoPE-SM"], lengths=["1x", "2x", "100"], max_tokens=128,
+                          out=runs["RoPE-SM"] / "capped.json")  # fmt: skip
+    results = report["results"]
+    assert report["max_tokens"] == 128
+    for spec in ("1x", "2x"):
+        assert (
+            results[spec]["nonoverlapping"]["tokens"] == 128 == results[spec]["strided"]["tokens"]
+        )
+    assert results["100"]["strided"]["tokens"] == 100  # whole windows only
+    report = evaluate_run(runs["RoPE-SM"], lengths=["1x"], max_tokens=8,
+                          out=runs["RoPE-SM"] / "capped.json")  # fmt: skip
+    cell = report["results"]["1x"]["nonoverlapping"]
+    assert cell["status"] == "n/a" and "less than one window of 32 tokens" in cell["reason"]
 
 
 def test_att_option_overrides_switch_on_rope_scaling(runs):
