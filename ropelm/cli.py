@@ -378,7 +378,8 @@ def generate_command(
     multiple=True,
     metavar="KEY=VALUE",
     help="Override an att_option of the model for this evaluation (same weights), e.g. "
-    "--att-option scaling=yarn --att-option scale_factor=4 (repeatable).",
+    "--att-option scaling=yarn --att-option scale_factor=4 (repeatable); scale_factor=auto "
+    "uses length / block_size at each length.",
 )
 @click.option(
     "--max-windows",
@@ -446,6 +447,8 @@ def eval_command(
       ropelm-exp eval runs/quickstart --lengths 1x,2x,4x,8x
       ropelm-exp eval runs/quickstart --lengths 4x --att-option scaling=yarn \
           --att-option scale_factor=4
+      ropelm-exp eval runs/quickstart --lengths 1x,2x,4x,8x --att-option scaling=yarn \
+          --att-option scale_factor=auto
       ropelm-exp eval runs/quickstart --lengths 512,1024 --max-windows 50 --stride 64
       ropelm-exp eval runs/quickstart --lengths 1x,2x,4x,8x --max-tokens 131072
     """

@@ -55,6 +55,7 @@ from ropelm.runs import RunDir
 
 EVAL_FILE = "eval.json"
 NA = "n/a"
+AUTO = "auto"
 
 
 def parse_att_options(items: Iterable[str]) -> dict[str, Any]:
@@ -74,6 +75,27 @@ def parse_att_options(items: Iterable[str]) -> dict[str, Any]:
         except yaml.YAMLError:
             options[key.strip()] = value
     return options
+
+
+def options_for_length(options: Mapping[str, Any], length: int, block_size: int) -> dict[str, Any]:
+    """``options`` with ``scale_factor: auto`` replaced by max(1, length / block_size).
+
+    So ``--att-option scaling=yarn --att-option scale_factor=auto`` extends RoPE's
+    context by exactly the factor each evaluation length needs (1 at 1x).
+
+    Raises:
+        ConfigError: ``auto`` given for an option other than ``scale_factor``.
+    """
+    resolved = dict(options)
+    for key, value in options.items():
+        if value == AUTO:
+            if key != "scale_factor":
+                raise ConfigError(
+                    f"--att-option {key}=auto: only scale_factor can be auto (the length over "
+                    "the block size); give a value."
+                )
+            resolved[key] = max(1.0, length / block_size)
+    return resolved
 
 
 def eval_file_name(overrides: Mapping[str, Any]) -> str:
@@ -116,7 +138,8 @@ def evaluate_run(
     Args:
         run_dir: a run directory (or a checkpoint directory inside one).
         lengths: e.g. ``["1x", "2x", "2048"]``; default: the run's ``eval.lengths``.
-        att_options: overrides of the model's ``att_options`` (same weights).
+        att_options: overrides of the model's ``att_options`` (same weights);
+            ``scale_factor: auto`` is length / block_size at each length.
         max_windows: cap on non-overlapping windows per length (the strided method
             scores the same targets).
         max_tokens: cap on scored targets per length (whole windows); a multiple of
@@ -154,12 +177,31 @@ def evaluate_run(
     for spec in specs:
         parse_stride(stride, parsed[spec])  # a bad stride fails before any work
 
+    registry = Registry.default(plugins)
+    spec = registry.get(model_config.att_type)
+    options_at = {
+        label: options_for_length(model_config.att_options, length, block_size)
+        for label, length in parsed.items()
+    }
+    for options in options_at.values():  # bad options fail before any work
+        spec.parse_options(options)
+
     _, data = cached_stages(config, str(root / "config.yaml"))
     torch_device = resolve_device(device)
-    registry = Registry.default(plugins)
-    model = TransformerLM(model_config, registry)
-    load_weights(model, checkpoint, torch_device)
-    model.to(torch_device).eval()
+    loaded: tuple[str, TransformerLM] | None = None
+
+    def model_with(options: dict[str, Any]) -> TransformerLM:
+        """The checkpoint's weights in a model built with ``options`` (reused while equal)."""
+        nonlocal loaded
+        key = json.dumps(options, sort_keys=True)
+        if loaded is None or loaded[0] != key:
+            model = TransformerLM(
+                model_config.model_copy(update={"att_options": options}), registry
+            )
+            load_weights(model, checkpoint, torch_device)
+            loaded = (key, model.to(torch_device).eval())
+        return loaded[1]
+
     amp_dtype = resolve_precision(config.train, torch_device)
 
     def autocast() -> contextlib.AbstractContextManager:
@@ -169,10 +211,11 @@ def evaluate_run(
 
     window_batch = batch_size or config.eval.batch_size or config.train.batch_size
     batch_tokens = window_batch * block_size
-    spec = model.spec
     results: dict[str, Any] = {}
     for label, length in parsed.items():
         entry: dict[str, Any] = {"length": length}
+        if AUTO in overrides.values():
+            entry["att_options"] = options_at[label]
         for method in methods:
             if length > block_size and not spec.capabilities.extrapolates:
                 entry[method] = {
@@ -184,7 +227,7 @@ def evaluate_run(
             step = parse_stride(stride, length) if method == "strided" else length
             try:
                 result = length_perplexity(
-                    model, data.val, length=length, stride=step,
+                    model_with(options_at[label]), data.val, length=length, stride=step,
                     batch_size=max(1, batch_tokens // length), max_windows=max_windows,
                     max_tokens=max_tokens,
                     device=torch_device, autocast=autocast,

@@ -37,6 +37,7 @@ from ropelm.evaluate import METHODS
 from ropelm.runs import RunDir
 
 FORMATS = ("github", "latex", "csv")
+NOT_RUN = "–"  # a length a run was not evaluated at (n/a: evaluated, could not run)
 
 
 @dataclass(frozen=True)
@@ -191,8 +192,8 @@ class Table:
                 if is_stat:
                     if isinstance(cell, Stat):
                         line += [repr(cell.mean), "" if cell.std is None else repr(cell.std)]
-                    else:  # n/a, or a number shown as text (identical over seeds)
-                        line += ["" if cell is None else cell, ""]
+                    else:  # n/a, not run, or a number shown as text (identical over seeds)
+                        line += ["" if cell in (None, NOT_RUN) else cell, ""]
                 else:
                     line.append("" if cell is None else cell)
             writer.writerow(line)
@@ -281,12 +282,18 @@ def length_table(groups: dict[str, list[RunRecord]], method: str) -> Table:
         for spec in order:
             values, missing = [], False
             for run in (r for r in groups[label] if eval_label in r.evals):  # seeds evaluated
-                cell = run.evals[eval_label].get("results", {}).get(spec, {}).get(method)
+                entry = run.evals[eval_label].get("results", {}).get(spec)
+                if entry is None:
+                    continue  # this evaluation did not include the length
+                cell = entry.get(method)
                 if cell is None or "ppl" not in cell:
                     missing = True
                 else:
                     values.append(cell["ppl"])
-            row.append(None if missing else Stat.of(values))
+            if not values and not missing:
+                row.append(NOT_RUN)  # no run was evaluated at this length
+            else:
+                row.append(None if missing else Stat.of(values))
         rows.append(row)
     n = len(headers)
     title = f"Perplexity at each evaluation length ({method} windows)"

@@ -294,6 +294,24 @@ def test_att_option_overrides_switch_on_rope_scaling(runs):
     assert a == pytest.approx(expected.loss, rel=1e-6)
 
 
+def test_auto_scale_factor_follows_the_length(runs):
+    run = runs["RoPE-SM"]
+    auto = evaluate_run(run, lengths=["1x", "2x"], max_windows=2,
+                        att_options={"scaling": "yarn", "scale_factor": "auto"})  # fmt: skip
+    assert Path(auto["path"]).name == "eval-scale_factor-auto_scaling-yarn.json"
+    assert [auto["results"][s]["att_options"]["scale_factor"] for s in ("1x", "2x")] == [1.0, 2.0]
+    fixed = evaluate_run(run, lengths=["2x"], max_windows=2, out=run / "fixed.json",
+                         att_options={"scaling": "yarn", "scale_factor": 2})  # fmt: skip
+    plain = evaluate_run(run, lengths=["1x"], max_windows=2, out=run / "plain1x.json")
+    for method in ("nonoverlapping", "strided"):
+        assert auto["results"]["2x"][method]["loss"] == fixed["results"]["2x"][method]["loss"]
+        # YaRN with factor 1 leaves RoPE as trained
+        one = auto["results"]["1x"][method]["loss"]
+        assert one == pytest.approx(plain["results"]["1x"][method]["loss"], rel=1e-6)
+    with pytest.raises(ConfigError, match="only scale_factor can be auto"):
+        evaluate_run(run, lengths=["1x"], att_options={"n_kv_head": "auto"})
+
+
 def test_bad_att_option_names_the_key(runs, assert_one_sentence):
     with pytest.raises(ConfigError) as info:
         evaluate_run(runs["RoPE-SM"], lengths=["1x"], att_options={"scalin": "yarn"})
