@@ -293,7 +293,7 @@ def format_eval_table(report: Mapping[str, Any], tablefmt: str = "simple") -> st
         tokens = next((entry[m]["tokens"] for m in methods if "tokens" in entry.get(m, {})), "")
         row.append(f"{tokens:,}" if tokens != "" else "")
         rows.append(row)
-    headers = ["length", "tokens", *(f"ppl {m}" for m in methods), "scored"]
+    headers = ["length", "window", *(f"ppl {m}" for m in methods), "scored tokens"]
     text = tabulate(rows, headers=headers, tablefmt=tablefmt, disable_numparse=True)
     options = report.get("att_options") or {}
     title = f"{report['att_type']}" + (
