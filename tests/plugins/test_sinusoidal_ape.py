@@ -64,3 +64,12 @@ def test_options_are_validated(options, message):
 def test_odd_embedding_width_is_rejected():
     with pytest.raises(ConfigError, match="n_embd must be even"):
         TransformerLM(config(n_embd=33, n_head=3))
+
+
+def test_default_amplitude_balances_position_and_token_signal():
+    """At initialisation the position embedding is as large as the token embedding (RMS)."""
+    lm = TransformerLM(config())
+    positions = torch.arange(lm.config.block_size)
+    pos_rms = lm.pos_emb(positions).pow(2).mean().sqrt().item()
+    tok_rms = lm.tok_emb.weight.pow(2).mean().sqrt().item()
+    assert 0.8 < pos_rms / tok_rms < 1.25
