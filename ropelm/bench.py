@@ -16,8 +16,10 @@ On CUDA the model runs under bf16 autocast (as training does) and every timed
 step is synchronised.
 
 Peak memory (``*_peak_mb``): the most memory allocated *during* one step above
-what was allocated before it (activations, gradients, temporaries; parameters
-are not included, ``param_mb`` gives them):
+what was allocated before it (activations, gradients, temporaries). Memory held
+before the step is not counted: parameters (``param_mb`` gives them) and caches
+that earlier steps built and keep (RoPE tables, ALiBi's bias masks, sliding-window
+masks), which every timed round reuses:
 
 * CUDA: ``torch.cuda.max_memory_allocated() - torch.cuda.memory_allocated()``
   around the step, after ``reset_peak_memory_stats()``;

@@ -24,7 +24,7 @@ import io
 import json
 import math
 import statistics
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -99,7 +99,10 @@ def find_runs(paths: Iterable[str | Path]) -> list[Path]:
         if (path / "summary.json").is_file():
             candidates = [path]
         elif path.is_dir():
-            candidates = sorted(p for p in path.iterdir() if (p / "summary.json").is_file())
+            candidates = sorted(
+                (p for p in path.iterdir() if (p / "summary.json").is_file()),
+                key=_sweep_order(path),
+            )
         else:
             raise ConfigError(f"{path} does not exist; give run directories or a sweep directory.")
         if not candidates:
@@ -110,6 +113,17 @@ def find_runs(paths: Iterable[str | Path]) -> list[Path]:
             )
         found += [c for c in candidates if c not in found]
     return found
+
+
+def _sweep_order(sweep_dir: Path) -> Callable[[Path], tuple[int, str]]:
+    """Sort key: the order of a sweep's ``sweep.json`` (variants as given), then by name."""
+    order: dict[str, int] = {}
+    try:
+        runs = json.loads((sweep_dir / "sweep.json").read_text(encoding="utf-8"))["runs"]
+        order = {run["dir"]: i for i, run in enumerate(runs)}
+    except (OSError, ValueError, KeyError, TypeError):
+        pass  # not a sweep (or an unreadable manifest): alphabetical
+    return lambda p: (order.get(p.name, len(order)), p.name)
 
 
 def load_run(path: Path) -> RunRecord:
@@ -126,7 +140,8 @@ def load_run(path: Path) -> RunRecord:
         seed = (config.get("train") or {}).get("seed", 0)
         block_size = (config.get("model") or {}).get("block_size")
     record = RunRecord(path, summary, seed, block_size, RunDir(path).read_metrics())
-    for eval_path in sorted(path.glob("eval*.json")):
+    # eval.json (the model as trained) first, then the evaluations with other att_options
+    for eval_path in sorted(path.glob("eval*.json"), key=lambda p: (p.name != "eval.json", p.name)):
         try:
             report = json.loads(eval_path.read_text(encoding="utf-8"))
         except (OSError, ValueError):

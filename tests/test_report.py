@@ -97,13 +97,18 @@ def test_find_runs_expands_a_sweep_and_rejects_unfinished(sweep, tmp_path, asser
     assert [p.name for p in find_runs([sweep])] == [
         "Learned-APE-seed0", "RoPE-SM-seed0", "RoPE-SM-seed1", "RoPE-SM-seed2",
     ]  # fmt: skip
+    manifest = {"runs": [{"dir": d} for d in ("RoPE-SM-seed1", "Learned-APE-seed0")]}
+    (sweep / "sweep.json").write_text(json.dumps(manifest))  # a sweep's order wins
+    assert [p.name for p in find_runs([sweep])] == [
+        "RoPE-SM-seed1", "Learned-APE-seed0", "RoPE-SM-seed0", "RoPE-SM-seed2",
+    ]  # fmt: skip
     assert find_runs([sweep / "RoPE-SM-seed1"]) == [sweep / "RoPE-SM-seed1"]
     with pytest.raises(ConfigError, match="holds no finished run") as info:
         find_runs([sweep / "unfinished"])
     assert_one_sentence(str(info.value))
     record = load_run(sweep / "RoPE-SM-seed0")
     assert record.seed == 0 and record.block_size == 32
-    assert set(record.evals) == {"", "scaling=yarn, scale_factor=2"}
+    assert list(record.evals) == ["", "scaling=yarn, scale_factor=2"]  # as trained first
 
 
 def github_rows(text: str, title: str) -> list[list[str]]:
