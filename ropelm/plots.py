@@ -27,6 +27,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
+from matplotlib.ticker import FuncFormatter
 
 from ropelm.atomic import atomic_path
 from ropelm.evaluate import METHODS
@@ -72,39 +73,59 @@ def plot_val_loss(records: Sequence[RunRecord]) -> Figure:
     return fig
 
 
+def _length_series(
+    records: Sequence[RunRecord], method: str
+) -> list[tuple[str, str, list[int], list[float]]]:
+    """(name, line style, lengths, mean perplexities) per variant x evaluation options."""
+    series = []
+    for label, runs in _groups(records).items():
+        eval_labels = list(dict.fromkeys(e for r in runs for e in r.evals))
+        for eval_label in eval_labels:
+            points: dict[int, list[float]] = {}
+            for run in runs:
+                report = run.evals.get(eval_label)
+                for entry in (report or {}).get("results", {}).values():
+                    cell = entry.get(method) or {}
+                    points.setdefault(int(entry["length"]), []).append(cell.get("ppl", math.nan))
+            xs = sorted(points)
+            ys = [
+                statistics.fmean(points[x]) if all(math.isfinite(v) for v in points[x])
+                else math.nan
+                for x in xs
+            ]  # fmt: skip
+            name = f"{label} [eval {eval_label}]" if eval_label else label
+            series.append((name, "--" if eval_label else "-", xs, ys))
+    return series
+
+
 def plot_length_ppl(records: Sequence[RunRecord]) -> Figure:
-    """Perplexity against evaluation length: one panel per method, one line per row."""
+    """Perplexity against evaluation length: one panel per method, one line per row.
+
+    The y axis stops at 1.5 times the median perplexity shown, so one variant that
+    fails badly does not flatten the others; such a line is drawn up to the edge
+    and its label says "(off scale)".
+    """
     fig, axes = plt.subplots(1, len(METHODS), figsize=(11, 4.2), dpi=DPI, sharey=True)
     block_sizes = {r.block_size for r in records if r.block_size}
+    per_method = {method: _length_series(records, method) for method in METHODS}
+    values = [y for series in per_method.values() for *_, ys in series for y in ys]
+    finite = [y for y in values if math.isfinite(y)]
+    top = 1.5 * statistics.median(finite) if finite else None
     for ax, method in zip(axes, METHODS, strict=True):
-        for label, runs in _groups(records).items():
-            eval_labels = list(dict.fromkeys(e for r in runs for e in r.evals))
-            for eval_label in eval_labels:
-                points: dict[int, list[float]] = {}
-                for run in runs:
-                    report = run.evals.get(eval_label)
-                    for entry in (report or {}).get("results", {}).values():
-                        cell = entry.get(method) or {}
-                        value = cell.get("ppl", math.nan)
-                        points.setdefault(int(entry["length"]), []).append(value)
-                xs = sorted(points)
-                ys = [
-                    statistics.fmean(points[x]) if all(math.isfinite(v) for v in points[x])
-                    else math.nan
-                    for x in xs
-                ]  # fmt: skip
-                name = f"{label} [eval {eval_label}]" if eval_label else label
-                style = "--" if eval_label else "-"
-                ax.plot(xs, ys, style, marker="o", markersize=4, label=name)
+        for name, style, xs, ys in per_method[method]:
+            off = top is not None and any(math.isfinite(y) and y > top for y in ys)
+            label = f"{name} (off scale)" if off else name
+            ax.plot(xs, ys, style, marker="o", markersize=4, label=label)
         for block in sorted(block_sizes):
             ax.axvline(block, color="grey", linestyle=":", linewidth=1, label="_block_size")
         ax.set_xscale("log", base=2)
-        ax.set_yscale("log")
+        if top is not None:
+            ax.set_ylim(0.95 * min(finite), top)
         ax.set_xlabel("evaluation length (tokens)")
         ax.set_title(METHOD_TITLES.get(method, method))
         ax.grid(alpha=0.3, which="both")
     axes[0].set_ylabel("perplexity")
-    axes[-1].legend(fontsize=7)
+    axes[-1].legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1.0))
     fig.suptitle("Length extrapolation (dotted line: training block size)", fontsize=10)
     fig.tight_layout()
     return fig
@@ -133,6 +154,8 @@ def plot_throughput(benches: Sequence[dict[str, Any]]) -> Figure:
             ax.plot(xs, [points[x] for x in xs], marker="o", markersize=4, label=name)
         ax.set_xscale("log", base=2)
         ax.set_yscale("log")
+        ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:,.0f}"))
+        ax.yaxis.set_minor_formatter(FuncFormatter(lambda v, _: f"{v:,.0f}"))
         ax.set_xlabel("sequence length T (tokens)")
         ax.set_ylabel("tokens/s")
         ax.set_title(title)
@@ -148,7 +171,7 @@ def save_figure(fig: Figure, path: Path) -> Path:
     """Write ``fig`` as a PNG (atomically) and close it."""
     try:
         with atomic_path(path) as tmp:
-            fig.savefig(tmp, format="png", dpi=DPI)
+            fig.savefig(tmp, format="png", dpi=DPI, bbox_inches="tight")
     finally:
         plt.close(fig)
     return path
