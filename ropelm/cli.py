@@ -445,9 +445,9 @@ def eval_command(
     \b
     Examples:
       ropelm-exp eval runs/quickstart --lengths 1x,2x,4x,8x
-      ropelm-exp eval runs/quickstart --lengths 4x --att-option scaling=yarn \
+      ropelm-exp eval runs/quickstart --lengths 4x --att-option scaling=yarn \\
           --att-option scale_factor=4
-      ropelm-exp eval runs/quickstart --lengths 1x,2x,4x,8x --att-option scaling=yarn \
+      ropelm-exp eval runs/quickstart --lengths 1x,2x,4x,8x --att-option scaling=yarn \\
           --att-option scale_factor=auto
       ropelm-exp eval runs/quickstart --lengths 512,1024 --max-windows 50 --stride 64
       ropelm-exp eval runs/quickstart --lengths 1x,2x,4x,8x --max-tokens 131072
@@ -533,7 +533,7 @@ def sweep_command(
     \b
     Examples:
       ropelm-exp sweep experiments/quickstart.yaml --variants RoPE-SM,ALiBi,NoPE --seeds 0,1,2
-      ropelm-exp sweep experiments/quickstart.yaml \
+      ropelm-exp sweep experiments/quickstart.yaml \\
           --variants RoPE-SM,RoPE-Sliding:window=32 --lengths 1x,2x,4x --max-windows 100
     """
     from ropelm.sweep import parse_seeds, parse_variants, run_sweep
