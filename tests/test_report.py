@@ -245,3 +245,14 @@ def test_write_outputs_tables_agree_with_the_printed_ones(sweep, tmp_path):
     write_outputs(comparison, tmp_path)
     assert (tmp_path / "comparison.md").read_text().strip() == comparison.text.strip()
     assert statistics.fmean(VAL_PPL["RoPE-SM"]) == 12.0
+
+
+def test_a_failing_variant_is_marked_off_scale_not_flattening_the_plot(sweep):
+    records = [load_run(p) for p in find_runs([sweep])]
+    for record in records:  # Learned-APE explodes at 1x
+        if record.label == "Learned-APE":
+            record.evals[""]["results"]["1x"]["nonoverlapping"]["ppl"] = 5000.0
+    ax = plot_length_ppl(records).axes[0]
+    labels = [line.get_label() for line in labelled_lines(ax)]
+    assert "Learned-APE (off scale)" in labels and "RoPE-SM" in labels
+    assert ax.get_ylim()[1] < 100  # scaled to the others (perplexities 9 .. 36)
