@@ -39,7 +39,6 @@ from ropelm.atomic import atomic_write_json
 from ropelm.checkpoint import load_weights, read_model_config, resolve_checkpoint, verify_checkpoint
 from ropelm.config import validate
 from ropelm.distributed import resolve_device
-from ropelm.engine import resolve_precision
 from ropelm.errors import ConfigError, RopelmError
 from ropelm.evaluate import (
     METHODS,
@@ -50,6 +49,7 @@ from ropelm.evaluate import (
 )
 from ropelm.model import TransformerLM
 from ropelm.pipeline import cached_stages
+from ropelm.recipe import resolve_precision
 from ropelm.registry import Registry
 from ropelm.runs import RunDir
 
