@@ -289,11 +289,12 @@ def length_table(groups: dict[str, list[RunRecord]], method: str) -> Table:
                 for spec, entry in report["results"].items():
                     lengths.setdefault(spec, entry["length"])
     order = sorted(lengths, key=lambda s: lengths[s])
-    headers = ["variant", *(f"{s} ({lengths[s]})" for s in order)]
+    headers = ["variant", "seeds", *(f"{s} ({lengths[s]})" for s in order)]
     rows = []
     for label, eval_label in row_keys:
         name = f"{label} [eval {eval_label}]" if eval_label else label
-        row: list[Any] = [name]
+        seeds = sum(eval_label in r.evals for r in groups[label])
+        row: list[Any] = [name, seeds]
         for spec in order:
             values, missing = [], False
             for run in (r for r in groups[label] if eval_label in r.evals):  # seeds evaluated

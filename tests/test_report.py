@@ -126,13 +126,14 @@ def test_github_tables_mean_std_and_na(sweep):
     assert rows["RoPE-SM"][1:] == ["3", "1.235", "12.00 ± 2.00", "2,000 ± 1,000"]
     assert rows["Learned-APE"][1:] == ["1", "1.235", "20.00", "1,000"]
     plain = github_rows(text, "(nonoverlapping windows)")
-    assert plain[0] == ["variant", "1x (32)", "2x (64)"]
+    assert plain[0] == ["variant", "seeds", "1x (32)", "2x (64)"]
     rows = {r[0]: r[1:] for r in plain[1:]}
-    assert rows["RoPE-SM"] == ["10.00 ± 1.00", "33.00 ± 3.00"]
-    assert rows["RoPE-SM [eval scaling=yarn, scale_factor=2]"] == ["–", "30.00"]  # not run
-    assert rows["Learned-APE"] == ["19.00", "n/a"]
+    assert rows["RoPE-SM"] == ["3", "10.00 ± 1.00", "33.00 ± 3.00"]
+    # evaluated for one seed only, at 2x only
+    assert rows["RoPE-SM [eval scaling=yarn, scale_factor=2]"] == ["1", "–", "30.00"]
+    assert rows["Learned-APE"] == ["1", "19.00", "n/a"]
     strided = {r[0]: r[1:] for r in github_rows(text, "(strided windows)")[1:]}
-    assert strided["RoPE-SM"] == ["9.00 ± 1.00", "32.00 ± 3.00"]
+    assert strided["RoPE-SM"] == ["3", "9.00 ± 1.00", "32.00 ± 3.00"]
 
 
 def test_bench_columns_come_from_the_runs_block_size(sweep, tmp_path):
