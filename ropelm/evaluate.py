@@ -70,7 +70,10 @@ def evaluate_loss(
             continue
         with autocast():
             _, loss = model(x, y)
-        n = y.numel()
+        pad = getattr(getattr(model, "config", None), "pad_token_id", None)
+        n = int((y != pad).sum()) if pad is not None else y.numel()  # the loss ignores padding
+        if n == 0:  # an all-padding batch has no loss to count (the model returns nan)
+            continue
         total[0] += loss.double() * n
         total[1] += n
     model.train(was_training)

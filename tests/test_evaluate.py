@@ -359,3 +359,23 @@ def test_cli_eval_bad_input_is_one_line(runs, args, message):
 def test_cli_eval_on_a_directory_that_is_not_a_run(tmp_path):
     code, out = invoke("eval", tmp_path)
     assert code == 1 and "is not a run directory" in out and out.count("\n") == 1
+
+
+def test_evaluate_loss_weights_batches_by_their_non_padding_targets(tmp_path):
+    """The mean is over scored tokens: padding targets count in neither sum nor count."""
+    block, pad = 8, 1
+    rng = np.random.default_rng(0)
+    tokens = rng.integers(2, 50, size=4 * block + 1).astype(np.uint16)
+    tokens[block + 1 : 2 * block + 1 - 2] = pad  # window 1 is mostly padding
+    (tmp_path / "val.bin").write_bytes(tokens.tobytes())
+    split = TokenFile(tmp_path / "val.bin", np.uint16)
+    torch.manual_seed(0)
+    config = ModelConfig(block_size=block, vocab_size=50, n_layer=1, n_head=2, n_embd=16,
+                         dropout=0.0, pad_token_id=pad)  # fmt: skip
+    model = TransformerLM(config).eval()
+    got = evaluate_loss(model, split, batch_size=1, block_size=block)
+    x, y = next(split.eval_batches(4, block))
+    logits, _ = model(x)
+    keep = y != pad
+    expected = F.cross_entropy(logits[keep], y[keep]).item()
+    assert got == pytest.approx(expected, rel=1e-5)
