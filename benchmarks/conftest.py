@@ -8,6 +8,8 @@ shared machines: read the ratios).
 
 from __future__ import annotations
 
+import time
+from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -31,3 +33,34 @@ def pytest_terminal_summary(terminalreporter: Any, config: pytest.Config) -> Non
         if rows:
             terminalreporter.section(title)
             terminalreporter.write_line(tabulate(rows, headers="keys", floatfmt=".3f"))
+
+
+def interleaved_times(
+    benchmark: Any, steps: dict[str, Callable[[], None]], rounds: int, warmup_rounds: int
+) -> dict[str, list[float]]:
+    """Time every step once per round, in alternating order (ABBA...), under pytest-benchmark.
+
+    Returns the seconds of each step per measured round (warm-up rounds dropped),
+    so ratios can be taken round by round: drift of a shared machine then hits
+    every step alike.
+    """
+    times: dict[str, list[float]] = {name: [] for name in steps}
+    calls = 0
+
+    def one_round() -> None:
+        nonlocal calls
+        order = list(steps) if calls % 2 == 0 else list(reversed(steps))
+        calls += 1
+        for name in order:
+            start = time.perf_counter()
+            steps[name]()
+            times[name].append(time.perf_counter() - start)
+
+    benchmark.pedantic(one_round, rounds=rounds, warmup_rounds=warmup_rounds, iterations=1)
+    return {name: samples[-rounds:] for name, samples in times.items()}
+
+
+@pytest.fixture
+def interleave() -> Callable[..., dict[str, list[float]]]:
+    """:func:`interleaved_times`, for benchmarks that compare steps side by side."""
+    return interleaved_times

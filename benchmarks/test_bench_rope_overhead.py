@@ -22,9 +22,9 @@ matmuls and turns the ratio into noise (1.4-2.5 seen with 2 threads, against
 
 from __future__ import annotations
 
+import functools
 import os
 import statistics
-import time
 from typing import Any
 
 import pytest
@@ -69,35 +69,24 @@ def forward_backward(layer: torch.nn.Module, x: torch.Tensor, grad: torch.Tensor
 
 
 @pytest.mark.parametrize("length", LENGTHS, ids=[f"T{t}" for t in LENGTHS])
-def test_rope_overhead(benchmark: Any, ratio_rows: dict, length: int) -> None:
+def test_rope_overhead(benchmark: Any, ratio_rows: dict, interleave: Any, length: int) -> None:
     threads = torch.get_num_threads()
     torch.set_num_threads(THREADS)
     try:
-        measure(benchmark, ratio_rows, length)
+        measure(benchmark, ratio_rows, interleave, length)
     finally:
         torch.set_num_threads(threads)
 
 
-def measure(benchmark: Any, ratio_rows: dict, length: int) -> None:
+def measure(benchmark: Any, ratio_rows: dict, interleave: Any, length: int) -> None:
     layers = make_layers(length)
     generator = torch.Generator().manual_seed(1)
     x = torch.randn(BATCH, length, N_EMBD, generator=generator).requires_grad_(True)
     grad = torch.randn(BATCH, length, N_EMBD, generator=generator)
-    times: dict[str, list[float]] = {name: [] for name in layers}
-    calls = 0
-
-    def one_round() -> None:
-        nonlocal calls
-        order = list(layers) if calls % 2 == 0 else list(reversed(layers))
-        calls += 1
-        for name in order:
-            start = time.perf_counter()
-            forward_backward(layers[name], x, grad)
-            times[name].append(time.perf_counter() - start)
-
-    benchmark.pedantic(one_round, rounds=ROUNDS, warmup_rounds=WARMUP_ROUNDS, iterations=1)
-
-    measured = {name: t[-ROUNDS:] for name, t in times.items()}  # drop the warm-up rounds
+    steps = {
+        name: functools.partial(forward_backward, layer, x, grad) for name, layer in layers.items()
+    }
+    measured = interleave(benchmark, steps, ROUNDS, WARMUP_ROUNDS)
     ratios = [r / p for r, p in zip(measured["rope"], measured["no-rotation"], strict=True)]
     rope_ms = statistics.median(measured["rope"]) * 1e3
     plain_ms = statistics.median(measured["no-rotation"]) * 1e3

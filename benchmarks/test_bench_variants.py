@@ -27,9 +27,9 @@ turns small-kernel timings into noise.
 
 from __future__ import annotations
 
+import functools
 import os
 import statistics
-import time
 from typing import Any
 
 import pytest
@@ -68,35 +68,24 @@ def forward_backward(model: TransformerLM, x: torch.Tensor, y: torch.Tensor) -> 
 
 
 @pytest.mark.parametrize("length", LENGTHS, ids=[f"T{t}" for t in LENGTHS])
-def test_variant_throughput(benchmark: Any, ratio_rows: dict, length: int) -> None:
+def test_variant_throughput(benchmark: Any, ratio_rows: dict, interleave: Any, length: int) -> None:
     threads = torch.get_num_threads()
     torch.set_num_threads(THREADS)
     try:
-        measure(benchmark, ratio_rows, length)
+        measure(benchmark, ratio_rows, interleave, length)
     finally:
         torch.set_num_threads(threads)
 
 
-def measure(benchmark: Any, ratio_rows: dict, length: int) -> None:
+def measure(benchmark: Any, ratio_rows: dict, interleave: Any, length: int) -> None:
     models = make_models()
     generator = torch.Generator().manual_seed(length)
     x = torch.randint(0, 4096, (BATCH, length), generator=generator)
     y = torch.roll(x, -1, dims=1)
-    times: dict[str, list[float]] = {name: [] for name in models}
-    calls = 0
-
-    def one_round() -> None:
-        nonlocal calls
-        order = list(models) if calls % 2 == 0 else list(reversed(models))
-        calls += 1
-        for name in order:
-            start = time.perf_counter()
-            forward_backward(models[name], x, y)
-            times[name].append(time.perf_counter() - start)
-
-    benchmark.pedantic(one_round, rounds=ROUNDS, warmup_rounds=WARMUP_ROUNDS, iterations=1)
-
-    measured = {name: t[-ROUNDS:] for name, t in times.items()}  # drop the warm-up rounds
+    steps = {
+        name: functools.partial(forward_backward, model, x, y) for name, model in models.items()
+    }
+    measured = interleave(benchmark, steps, ROUNDS, WARMUP_ROUNDS)
     reference = measured[REFERENCE]
     for name, samples in measured.items():
         ratio = statistics.median(r / s for r, s in zip(reference, samples, strict=True))
