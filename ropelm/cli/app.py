@@ -1,0 +1,87 @@
+"""The ``ropelm-exp`` click group, its error handling and the options commands share.
+
+Every command catches :class:`ropelm.RopelmError` and prints its one-sentence
+message (``Error: ...``, exit status 1) instead of a traceback.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from ropelm.errors import RopelmError
+
+
+class _FriendlyGroup(click.Group):
+    """A click group that turns user errors into one line instead of a traceback."""
+
+    def invoke(self, ctx: click.Context):
+        try:
+            return super().invoke(ctx)
+        except RopelmError as err:
+            raise click.ClickException(str(err)) from None
+
+
+@click.group(cls=_FriendlyGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="ropelm")
+def main() -> None:
+    """Train language models and compare attention variants.
+
+    \b
+    A typical session:
+      ropelm-exp plugins                          # which attention variants exist
+      ropelm-exp validate experiments/quickstart.yaml
+      ropelm-exp run experiments/quickstart.yaml  # tokenizer -> data -> train -> eval
+
+    Run `ropelm-exp COMMAND --help` for the options of each command.
+    """
+
+
+experiment_argument = click.argument(
+    "experiment", type=click.Path(dir_okay=False, path_type=Path), metavar="EXPERIMENT.yaml"
+)
+set_option = click.option(
+    "--set",
+    "overrides",
+    multiple=True,
+    metavar="KEY.PATH=VALUE",
+    help="Override a value of the YAML, e.g. --set train.batch_size=16 (repeatable).",
+)
+
+
+run_dir_option = click.option(
+    "--out",
+    "out_dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    help="Run directory (default: runs/NAME, NAME from the YAML).",
+)
+resume_option = click.option(
+    "--resume",
+    "resume_dir",
+    type=click.Path(file_okay=False, exists=True, path_type=Path),
+    help="Continue the run in this directory from its last checkpoint.",
+)
+quiet_option = click.option("--quiet", is_flag=True, help="No progress bars.")
+
+
+def print_summary(summary: dict) -> None:
+    click.echo(
+        f"done: {summary['att_type']}, {summary['n_params']:,} parameters, "
+        f"{summary['tokens_seen']:,} tokens, val loss {summary['initial_val_loss']:.4f} -> "
+        f"{summary['best_val_loss']:.4f} (best), "
+        f"final val ppl {summary['final_val_ppl']:.2f}, "
+        f"{summary['train_tokens_per_s']:,.0f} tokens/s"
+    )
+
+
+def show_pipeline_logs() -> None:
+    """Print the data pipeline's log lines (text column chosen, cache reused, ...) to stderr."""
+    import logging
+
+    logger = logging.getLogger("ropelm")
+    if not logger.handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        logger.addHandler(handler)
+        logger.setLevel(logging.INFO)

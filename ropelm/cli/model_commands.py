@@ -1,0 +1,178 @@
+"""``generate`` and ``eval``: use and measure a trained model."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from ropelm.cli.app import (
+    main,
+)
+
+
+@main.command("generate")
+@click.argument("run_dir", type=click.Path(exists=True, path_type=Path), metavar="RUN_DIR")
+@click.option("--prompt", default="", help="Text to continue (default: a new document).")
+@click.option("--max-new-tokens", default=100, show_default=True, type=click.IntRange(min=1))
+@click.option(
+    "--temperature",
+    default=0.8,
+    show_default=True,
+    type=click.FloatRange(min=0.0),
+    help="0 is greedy decoding.",
+)
+@click.option("--top-k", type=click.IntRange(min=1), help="Keep the k most likely tokens.")
+@click.option("--top-p", type=click.FloatRange(0.0, 1.0, min_open=True), help="Nucleus mass.")
+@click.option("--seed", type=int, help="Seed for sampling (reproducible output).")
+@click.option("--which", type=click.Choice(["best", "last"]), default="best", show_default=True)
+@click.option("--no-cache", is_flag=True, help="Recompute the whole context for every token.")
+@click.option("--device", default="auto", show_default=True, help="cpu, cuda, cuda:1, ...")
+def generate_command(
+    run_dir: Path,
+    prompt: str,
+    max_new_tokens: int,
+    temperature: float,
+    top_k: int | None,
+    top_p: float | None,
+    seed: int | None,
+    which: str,
+    no_cache: bool,
+    device: str,
+) -> None:
+    """Stream text from a trained model to stdout.
+
+    RUN_DIR is a run directory (its best checkpoint by default) or a checkpoint
+    directory. Example:
+
+    \b
+      ropelm-exp generate runs/quickstart --prompt "The history of" --top-p 0.9 --seed 0
+    """
+    from ropelm.checkpoint import load_model as load_checkpoint_model
+    from ropelm.checkpoint import resolve_checkpoint
+    from ropelm.distributed import resolve_device
+    from ropelm.generate import generate_text
+    from ropelm.tokenizer import load_tokenizer
+
+    directory = resolve_checkpoint(run_dir, which)
+    model = load_checkpoint_model(directory, device=resolve_device(device))
+    tokenizer = load_tokenizer(directory / "tokenizer.json")
+    click.echo(prompt, nl=False)
+    for piece in generate_text(
+        model, tokenizer, prompt, max_new_tokens, temperature=temperature, top_k=top_k,
+        top_p=top_p, seed=seed, use_cache=not no_cache,
+    ):  # fmt: skip
+        click.echo(piece, nl=False)
+    click.echo()
+
+
+# -- evaluation, sweeps, comparison, benchmarks ----------------------------------------------
+
+
+@main.command("eval")
+@click.argument("run_dir", type=click.Path(exists=True, path_type=Path), metavar="RUN_DIR")
+@click.option(
+    "--lengths",
+    multiple=True,
+    metavar="L1,L2,...",
+    help="Evaluation lengths: relative to the block size (1x, 2x) or tokens (2048). "
+    "Default: eval.lengths of the run.",
+)
+@click.option(
+    "--att-option",
+    "att_options",
+    multiple=True,
+    metavar="KEY=VALUE",
+    help="Override an att_option of the model for this evaluation (same weights), e.g. "
+    "--att-option scaling=yarn --att-option scale_factor=4 (repeatable); scale_factor=auto "
+    "uses length / block_size at each length.",
+)
+@click.option(
+    "--max-windows",
+    type=click.IntRange(min=1),
+    help="At most this many non-overlapping windows per length (the strided method scores "
+    "the same tokens). Default: the whole validation split.",
+)
+@click.option(
+    "--max-tokens",
+    type=click.IntRange(min=1),
+    help="At most this many scored tokens per length, in whole windows; a multiple of every "
+    "length (e.g. 131072) makes all lengths score the same tokens.",
+)
+@click.option(
+    "--stride",
+    default="0.5",
+    show_default=True,
+    help="Stride of the strided method: a fraction of the length (0.5) or tokens (64).",
+)
+@click.option(
+    "--method",
+    "methods",
+    multiple=True,
+    type=click.Choice(["nonoverlapping", "strided"]),
+    help="Evaluate only with this method (repeatable; default both).",
+)
+@click.option(
+    "--batch-size",
+    type=click.IntRange(min=1),
+    help="Windows of block_size tokens per forward pass; longer windows get the same "
+    "number of tokens per batch (default: the run's eval or train batch size).",
+)
+@click.option("--which", type=click.Choice(["best", "last"]), default="best", show_default=True)
+@click.option("--device", default="auto", show_default=True, help="cpu, cuda, cuda:1, ...")
+@click.option(
+    "--out",
+    "out_file",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="JSON file to write (default RUN_DIR/eval.json, or RUN_DIR/eval-OPTIONS.json "
+    "with --att-option).",
+)
+def eval_command(
+    run_dir: Path,
+    lengths: tuple[str, ...],
+    att_options: tuple[str, ...],
+    max_windows: int | None,
+    max_tokens: int | None,
+    stride: str,
+    methods: tuple[str, ...],
+    batch_size: int | None,
+    which: str,
+    device: str,
+    out_file: Path | None,
+) -> None:
+    """Validation perplexity of a run at several lengths (length extrapolation).
+
+    Each length is scored with non-overlapping windows (every token of a window
+    scored) and with strided windows (windows moved by --stride, scoring only
+    tokens not scored before, so each has at least L - stride tokens of context).
+    Variants that cannot run beyond their block size (e.g. Learned-APE) get n/a.
+    The result is written atomically to RUN_DIR/eval.json and printed.
+
+    \b
+    Examples:
+      ropelm-exp eval runs/quickstart --lengths 1x,2x,4x,8x
+      ropelm-exp eval runs/quickstart --lengths 4x --att-option scaling=yarn \\
+          --att-option scale_factor=4
+      ropelm-exp eval runs/quickstart --lengths 1x,2x,4x,8x --att-option scaling=yarn \\
+          --att-option scale_factor=auto
+      ropelm-exp eval runs/quickstart --lengths 512,1024 --max-windows 50 --stride 64
+      ropelm-exp eval runs/quickstart --lengths 1x,2x,4x,8x --max-tokens 131072
+    """
+    from ropelm.evaluate import METHODS
+    from ropelm.extrapolation import evaluate_run, format_eval_table, parse_att_options
+
+    report = evaluate_run(
+        run_dir,
+        lengths=list(lengths) or None,
+        att_options=parse_att_options(att_options),
+        max_windows=max_windows,
+        max_tokens=max_tokens,
+        stride=stride,
+        batch_size=batch_size,
+        methods=list(methods) or METHODS,
+        which=which,
+        device=device,
+        out=out_file,
+    )
+    click.echo(format_eval_table(report))
+    click.echo(f"written: {report['path']}")
