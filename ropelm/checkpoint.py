@@ -21,9 +21,7 @@ pointers and the directories they name intact.
 from __future__ import annotations
 
 import errno
-import hashlib
 import json
-import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,7 +31,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from ropelm.atomic import atomic_write_json, fsync_dir
+from ropelm.atomic import atomic_write_json, file_sha256, fsync_dir, fsync_file
 from ropelm.errors import CheckpointError, RopelmError
 from ropelm.model import ModelConfig, TransformerLM
 from ropelm.registry import Registry
@@ -128,10 +126,10 @@ def _write_checkpoint_dir(
             "format": FORMAT_VERSION,
             "step": step,
             "val_loss": val_loss,
-            "sha256": {name: _sha256(tmp / name) for name in files},
+            "sha256": {name: file_sha256(tmp / name) for name in files},
         }
         for name in files:
-            _fsync_file(tmp / name)
+            fsync_file(tmp / name)
         atomic_write_json(tmp / MANIFEST, manifest)
         fsync_dir(tmp)
         tmp.rename(final)
@@ -170,7 +168,7 @@ def verify_checkpoint(directory: Path) -> Checkpoint:
         file = directory / name
         if not file.is_file():
             raise CheckpointError(f"Checkpoint {directory} is incomplete: {name} is missing.")
-        if _sha256(file) != digest:
+        if file_sha256(file) != digest:
             raise CheckpointError(
                 f"Checkpoint {directory} is corrupt: {name} does not match its checksum; "
                 "use another checkpoint (e.g. --which last) or retrain."
@@ -273,16 +271,3 @@ def _remove_unreferenced(checkpoints_dir: Path) -> None:
     for child in checkpoints_dir.iterdir():
         if child.is_dir() and child.name not in keep:
             shutil.rmtree(child, ignore_errors=True)
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
-def _fsync_file(path: Path) -> None:
-    with path.open("rb+") as f:
-        os.fsync(f.fileno())

@@ -62,6 +62,7 @@ def evaluate_loss(
     was_training = model.training
     model.eval()
     total = torch.zeros(2, dtype=torch.float64, device=device)  # (sum of losses, tokens)
+    pad = getattr(getattr(model, "config", None), "pad_token_id", None)
     lo, hi = dist_ctx.rank * batch_size, (dist_ctx.rank + 1) * batch_size
     global_batch = batch_size * dist_ctx.world_size
     for x, y in token_file.eval_batches(global_batch, block_size, max_batches):
@@ -70,7 +71,6 @@ def evaluate_loss(
             continue
         with autocast():
             _, loss = model(x, y)
-        pad = getattr(getattr(model, "config", None), "pad_token_id", None)
         n = int((y != pad).sum()) if pad is not None else y.numel()  # the loss ignores padding
         if n == 0:  # an all-padding batch has no loss to count (the model returns nan)
             continue

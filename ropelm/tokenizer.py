@@ -33,7 +33,7 @@ from typing import Any
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from tqdm.auto import tqdm
 
-from ropelm.atomic import atomic_path, atomic_write_json
+from ropelm.atomic import atomic_path, atomic_write_json, file_sha256
 from ropelm.config import ExperimentConfig
 from ropelm.errors import ConfigError, DataError
 from ropelm.sources import DocumentSource, split_of
@@ -58,15 +58,6 @@ class TokenizerInfo:
     vocab_size: int  # tokenizer.get_vocab_size()
     eot_id: int  # end-of-text token id ("<|endoftext|>")
     pad_id: int  # padding token id ("<|pad|>")
-
-
-def file_sha256(path: str | Path) -> str:
-    """The SHA-256 hex digest of a file's contents."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def content_hash(obj: Any, length: int = 16) -> str:
