@@ -8,11 +8,13 @@ shared machines: read the ratios).
 
 from __future__ import annotations
 
+import contextlib
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
+import torch
 from tabulate import tabulate
 
 _ROWS = pytest.StashKey[dict[str, list[dict[str, Any]]]]()
@@ -64,3 +66,20 @@ def interleaved_times(
 def interleave() -> Callable[..., dict[str, list[float]]]:
     """:func:`interleaved_times`, for benchmarks that compare steps side by side."""
     return interleaved_times
+
+
+@contextlib.contextmanager
+def torch_threads(count: int) -> Iterator[None]:
+    """Run with ``count`` intra-op threads, restoring the previous count afterwards."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
+@pytest.fixture
+def threads() -> Callable[[int], contextlib.AbstractContextManager]:
+    """:func:`torch_threads`, for benchmarks that pin the thread count."""
+    return torch_threads

@@ -69,13 +69,11 @@ def forward_backward(layer: torch.nn.Module, x: torch.Tensor, grad: torch.Tensor
 
 
 @pytest.mark.parametrize("length", LENGTHS, ids=[f"T{t}" for t in LENGTHS])
-def test_rope_overhead(benchmark: Any, ratio_rows: dict, interleave: Any, length: int) -> None:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(THREADS)
-    try:
+def test_rope_overhead(
+    benchmark: Any, ratio_rows: dict, interleave: Any, threads: Any, length: int
+) -> None:
+    with threads(THREADS):
         measure(benchmark, ratio_rows, interleave, length)
-    finally:
-        torch.set_num_threads(threads)
 
 
 def measure(benchmark: Any, ratio_rows: dict, interleave: Any, length: int) -> None:
