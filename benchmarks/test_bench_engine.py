@@ -29,6 +29,7 @@ from ropelm import TransformerLM
 from ropelm.config import validate
 from ropelm.data import prepare_data
 from ropelm.engine import train
+from ropelm.experiment import Experiment
 from ropelm.recipe import build_optimizer, resolve_model_config
 from ropelm.runs import RunDir
 from ropelm.tokenizer import train_tokenizer
@@ -38,8 +39,8 @@ TARGET = 0.95
 TABLE = "Engine tokens/s ÷ bare loop tokens/s (target >= 0.95)"
 
 
-def experiment(cache: Path):
-    return validate({
+def experiment(cache: Path) -> Experiment:
+    return Experiment.bind(validate({
         "name": "bench-engine",
         "model": {"block_size": 128, "vocab_size": 4096, "n_layer": 4, "n_head": 4,
                   "n_embd": 256, "dropout": 0.0},
@@ -47,14 +48,15 @@ def experiment(cache: Path):
         "data": {"cache_dir": str(cache)},
         "train": {"max_steps": STEPS, "batch_size": 8, "log_every": 10},
         "eval": {"max_batches": 1},
-    })  # fmt: skip
+    }))  # fmt: skip
 
 
-def bare_loop(config: Any, data: Any, tokenizer: Any, clip: bool) -> float:
+def bare_loop(experiment: Experiment, data: Any, tokenizer: Any, clip: bool) -> float:
     """Tokens/s of forward, backward (clipping) and AdamW steps on the engine's batches."""
+    config = experiment.config
     torch.manual_seed(config.train.seed)
     model_config = resolve_model_config(config, tokenizer.vocab_size, tokenizer.pad_id)
-    model = TransformerLM(model_config, config.registry()).train()
+    model = TransformerLM(model_config, experiment.attention).train()
     optimizer = build_optimizer(model, config.train, torch.device("cpu"))
     generator = torch.Generator().manual_seed(config.train.seed)
     batch, block = config.train.batch_size, model_config.block_size
@@ -71,7 +73,8 @@ def bare_loop(config: Any, data: Any, tokenizer: Any, clip: bool) -> float:
 
 
 def test_engine_overhead(benchmark: Any, ratio_rows: dict, tmp_path: Path) -> None:
-    config = experiment(tmp_path / "cache")
+    bound = experiment(tmp_path / "cache")
+    config = bound.config
     tokenizer = train_tokenizer(config, progress=False)
     data = prepare_data(config, tokenizer, progress=False)
     rates: dict[str, list[float]] = {"engine": [], "bare": [], "bare+clip": []}
@@ -80,7 +83,7 @@ def test_engine_overhead(benchmark: Any, ratio_rows: dict, tmp_path: Path) -> No
     def engine() -> float:
         run = RunDir(tmp_path / f"run-{calls}")
         run.claim(config, resume=False)
-        summary = train(config, data, tokenizer, run, progress=False, log=lambda _: None)
+        summary = train(bound, data, tokenizer, run, progress=False, log=lambda _: None)
         return summary["train_tokens_per_s"]
 
     def one_round() -> None:
@@ -91,7 +94,7 @@ def test_engine_overhead(benchmark: Any, ratio_rows: dict, tmp_path: Path) -> No
             if name == "engine":
                 rates[name].append(engine())
             else:
-                rates[name].append(bare_loop(config, data, tokenizer, clip=name == "bare+clip"))
+                rates[name].append(bare_loop(bound, data, tokenizer, clip=name == "bare+clip"))
         calls += 1
 
     benchmark.pedantic(one_round, rounds=ROUNDS, warmup_rounds=1, iterations=1)

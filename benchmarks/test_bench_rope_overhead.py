@@ -52,11 +52,11 @@ class NoRotationAttention(RoPEAttention):
 
 def make_layers(length: int) -> dict[str, torch.nn.Module]:
     config = ModelConfig(block_size=length, n_embd=N_EMBD, n_head=N_HEAD, dropout=0.0)
-    spec = Registry.default().get("RoPE-SM")
+    attention = Registry.default().resolve(config)
     torch.manual_seed(0)
-    rope = spec.factory(config, spec.parse_options(config.att_options))
+    rope = attention.build_layer(config)
     assert type(rope) is RoPEAttention
-    plain = NoRotationAttention(config)
+    plain = NoRotationAttention(config, attention.options)
     plain.load_state_dict(rope.state_dict())
     return {"rope": rope.train(), "no-rotation": plain.train()}
 

@@ -56,7 +56,8 @@ def make_models() -> dict[str, TransformerLM]:
     models = {}
     for name in registry.names():
         torch.manual_seed(0)
-        models[name] = TransformerLM(config.model_copy(update={"att_type": name}), registry)
+        variant = config.model_copy(update={"att_type": name})
+        models[name] = TransformerLM(variant, registry.resolve(variant))
     return models
 
 

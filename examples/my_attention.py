@@ -70,38 +70,35 @@ class XPosAttention(ropelm.SelfAttention):
             )
         self.rope_theta = config.rope_theta
         self.options = options
-        # (device -> tables for positions 0..L-1), grown on demand; not buffers, so they
+        # tables for positions 0..L-1, per device, grown on demand; not buffers, so they
         # never reach a checkpoint and Module.to(torch.bfloat16) does not round them
-        self._tables: dict[torch.device, tuple[torch.Tensor, ...]] = {}
+        self.tables = ropelm.PositionTables(self._xpos_tables)
 
-    def _xpos_tables(self, start: int, end: int, device: torch.device) -> tuple[torch.Tensor, ...]:
-        """Query tables (cos, sin) * scale and key tables / scale, each (end - start, hs/2)."""
-        tables = self._tables.get(device)
-        if tables is None or tables[0].size(0) < end:
-            length = max(end, 2 * tables[0].size(0) if tables is not None else end)
-            cos, sin = ropelm.build_rope_cache(
-                length, self.head_size, self.rope_theta, dtype=torch.float64, device=device
-            )  # (L, hs/2) each
-            half = self.head_size // 2
-            pair = torch.arange(half, dtype=torch.float64, device=device)
-            zeta = (pair / half + self.options.gamma) / (1 + self.options.gamma)  # (hs/2,)
-            position = torch.arange(length, dtype=torch.float64, device=device)[:, None]
-            scale = zeta ** (position / self.options.scale_base)  # (L, hs/2)
-            tables = tuple(t.float() for t in (cos * scale, sin * scale, cos / scale, sin / scale))
-            self._tables[device] = tables
-        return tuple(t[start:end] for t in tables)
+    def _xpos_tables(self, length: int, device: torch.device, dtype: torch.dtype) -> tuple:
+        """Query tables (cos, sin) * scale and key tables / scale, each (length, hs/2)."""
+        cos, sin = ropelm.build_rope_cache(
+            length, self.head_size, self.rope_theta, dtype=torch.float64, device=device
+        )  # (L, hs/2) each
+        half = self.head_size // 2
+        pair = torch.arange(half, dtype=torch.float64, device=device)
+        zeta = (pair / half + self.options.gamma) / (1 + self.options.gamma)  # (hs/2,)
+        position = torch.arange(length, dtype=torch.float64, device=device)[:, None]
+        scale = zeta ** (position / self.options.scale_base)  # (L, hs/2)
+        return tuple(t.to(dtype) for t in (cos * scale, sin * scale, cos / scale, sin / scale))
 
     def position_qk(
         self, q: torch.Tensor, k: torch.Tensor, start: int
     ) -> tuple[torch.Tensor, torch.Tensor]:
         # q, k (B, nh, T, hs) at positions start .. start + T - 1
-        q_cos, q_sin, k_cos, k_sin = self._xpos_tables(start, start + q.size(2), q.device)
+        q_cos, q_sin, k_cos, k_sin = self.tables.get(
+            start, start + q.size(2), q.device, torch.float32
+        )
         return ropelm.apply_rotary_emb(q, q_cos, q_sin), ropelm.apply_rotary_emb(k, k_cos, k_sin)
 
 
-def build(config: ropelm.ModelConfig, options: XPosOptions | None) -> XPosAttention:
+def build(config: ropelm.ModelConfig, options: XPosOptions) -> XPosAttention:
     """The factory: ropelm calls it once per layer with the validated options."""
-    return XPosAttention(config, options if options is not None else XPosOptions())
+    return XPosAttention(config, options)
 
 
 @ropelm.hookimpl

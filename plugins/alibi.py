@@ -18,7 +18,6 @@ the KV cache is exact; there is no length limit (extrapolates).
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import math
 
@@ -26,8 +25,8 @@ import torch
 import torch.nn.functional as F
 
 import ropelm
-from ropelm.attention import SelfAttention, check_n_kv_head
-from ropelm.model import ModelConfig
+from ropelm.attention import KVHeadOptions, SelfAttention
+from ropelm.config import ModelConfig
 
 
 def alibi_slopes(n_head: int) -> list[float]:
@@ -68,9 +67,6 @@ def alibi_mask(
 class AlibiAttention(SelfAttention):
     """Causal softmax attention with ALiBi's per-head linear distance bias."""
 
-    def __init__(self, config: ModelConfig, n_kv_head: int | None = None) -> None:
-        super().__init__(config, n_kv_head=n_kv_head)
-
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start: int) -> torch.Tensor:
         # q (B, nh, T, hs); k, v (B, nkv, start + T, hs)
         mask = alibi_mask(self.n_head, start, q.size(2), k.size(2), q.device, q.dtype)
@@ -80,22 +76,7 @@ class AlibiAttention(SelfAttention):
         )  # (B, nh, T, hs)
 
 
-@dataclasses.dataclass(frozen=True)
-class AlibiOptions:
-    """``model.att_options`` of ALiBi.
-
-    Attributes:
-        n_kv_head: key/value heads for grouped-query attention (None: n_head).
-    """
-
-    n_kv_head: int | None = None
-
-    def __post_init__(self) -> None:
-        check_n_kv_head(self.n_kv_head)
-
-
-def build(config: ModelConfig, options: AlibiOptions | None) -> AlibiAttention:
-    options = options if options is not None else AlibiOptions()
+def build(config: ModelConfig, options: KVHeadOptions) -> AlibiAttention:
     return AlibiAttention(config, n_kv_head=options.n_kv_head)
 
 
@@ -107,7 +88,7 @@ def ropelm_register_attention(register):
             description="Per-head linear distance bias on causal softmax scores (SDPA mask).",
             reference="https://arxiv.org/abs/2108.12409",
             factory=build,
-            options=AlibiOptions,
+            options=KVHeadOptions,
             capabilities=ropelm.Capabilities(causal=True, kv_cache=True, extrapolates=True),
         )
     )

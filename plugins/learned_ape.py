@@ -14,29 +14,13 @@ an index error (or a device-side assert on CUDA).
 
 from __future__ import annotations
 
-import dataclasses
-
 import torch
 from torch import nn
 
 import ropelm
-from ropelm.attention import SelfAttention, check_n_kv_head
+from ropelm.attention import KVHeadOptions, SelfAttention
+from ropelm.config import ModelConfig
 from ropelm.errors import ConfigError
-from ropelm.model import ModelConfig
-
-
-@dataclasses.dataclass(frozen=True)
-class LearnedAPEOptions:
-    """``model.att_options`` of Learned-APE.
-
-    Attributes:
-        n_kv_head: key/value heads for grouped-query attention (None: n_head).
-    """
-
-    n_kv_head: int | None = None
-
-    def __post_init__(self) -> None:
-        check_n_kv_head(self.n_kv_head)
 
 
 class LearnedPositionEmbedding(nn.Embedding):
@@ -57,13 +41,12 @@ class LearnedPositionEmbedding(nn.Embedding):
         return super().forward(positions)  # (T, C)
 
 
-def build(config: ModelConfig, options: LearnedAPEOptions | None) -> SelfAttention:
-    options = options if options is not None else LearnedAPEOptions()
+def build(config: ModelConfig, options: KVHeadOptions) -> SelfAttention:
     return SelfAttention(config, n_kv_head=options.n_kv_head)
 
 
 def build_position_embedding(
-    config: ModelConfig, options: LearnedAPEOptions | None
+    config: ModelConfig, options: KVHeadOptions
 ) -> LearnedPositionEmbedding:
     return LearnedPositionEmbedding(config.block_size, config.n_embd)
 
@@ -77,7 +60,7 @@ def ropelm_register_attention(register):
             reference="https://cdn.openai.com/better-language-models/"
             "language_models_are_unsupervised_multitask_learners.pdf",
             factory=build,
-            options=LearnedAPEOptions,
+            options=KVHeadOptions,
             capabilities=ropelm.Capabilities(
                 causal=True, kv_cache=True, extrapolates=False, input_position_embedding=True
             ),

@@ -13,29 +13,12 @@ the paper measures).
 
 from __future__ import annotations
 
-import dataclasses
-
 import ropelm
-from ropelm.attention import SelfAttention, check_n_kv_head
-from ropelm.model import ModelConfig
+from ropelm.attention import KVHeadOptions, SelfAttention
+from ropelm.config import ModelConfig
 
 
-@dataclasses.dataclass(frozen=True)
-class NoPEOptions:
-    """``model.att_options`` of NoPE.
-
-    Attributes:
-        n_kv_head: key/value heads for grouped-query attention (None: n_head).
-    """
-
-    n_kv_head: int | None = None
-
-    def __post_init__(self) -> None:
-        check_n_kv_head(self.n_kv_head)
-
-
-def build(config: ModelConfig, options: NoPEOptions | None) -> SelfAttention:
-    options = options if options is not None else NoPEOptions()
+def build(config: ModelConfig, options: KVHeadOptions) -> SelfAttention:
     return SelfAttention(config, n_kv_head=options.n_kv_head)
 
 
@@ -47,7 +30,7 @@ def ropelm_register_attention(register):
             description="No position encoding: causal softmax attention only (SDPA).",
             reference="https://arxiv.org/abs/2305.19466",
             factory=build,
-            options=NoPEOptions,
+            options=KVHeadOptions,
             capabilities=ropelm.Capabilities(causal=True, kv_cache=True, extrapolates=True),
         )
     )

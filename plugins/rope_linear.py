@@ -42,7 +42,7 @@ from ropelm.plugins.rope_sm import check_even_head_size
 
 import ropelm
 from ropelm.attention import SelfAttention
-from ropelm.model import ModelConfig
+from ropelm.config import ModelConfig
 from ropelm.rope import RopeTables, apply_rotary_emb
 
 
@@ -132,9 +132,8 @@ def causal_linear_attention(
 class RoPELinearAttention(SelfAttention):
     """Causal linear attention (phi = elu + 1) with RoPE applied to the features."""
 
-    def __init__(self, config: ModelConfig, options: RoPELinearOptions | None = None) -> None:
+    def __init__(self, config: ModelConfig, options: RoPELinearOptions) -> None:
         super().__init__(config)
-        options = options if options is not None else RoPELinearOptions()
         self.chunk_size = options.chunk_size
         self.eps = options.eps
         self.rope = RopeTables(self.head_size, base=config.rope_theta)
@@ -162,7 +161,7 @@ class RoPELinearAttention(SelfAttention):
         return LinearAttentionState(batch_size, self.n_head, self.head_size, device, dtype)
 
 
-def build(config: ModelConfig, options: RoPELinearOptions | None) -> RoPELinearAttention:
+def build(config: ModelConfig, options: RoPELinearOptions) -> RoPELinearAttention:
     check_even_head_size(config, "RoPE-Linear")
     return RoPELinearAttention(config, options)
 

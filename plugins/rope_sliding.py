@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from ropelm.plugins.rope_sm import RoPEAttention, RoPEOptions, check_even_head_size
 
 import ropelm
-from ropelm.model import ModelConfig
+from ropelm.config import ModelConfig
 
 MIN_CHUNK, MAX_CHUNK = 32, 128  # query chunk c: large enough for efficient matmuls
 
@@ -87,8 +87,7 @@ def chunk_band_mask(chunk: int, window: int, device: torch.device) -> torch.Tens
 class SlidingRoPEAttention(RoPEAttention):
     """RoPE attention restricted to the last ``window`` positions."""
 
-    def __init__(self, config: ModelConfig, options: RoPESlidingOptions | None = None) -> None:
-        options = options if options is not None else RoPESlidingOptions()
+    def __init__(self, config: ModelConfig, options: RoPESlidingOptions) -> None:
         super().__init__(config, options)
         window = options.window if options.window is not None else config.block_size // 4
         self.window = max(1, window)
@@ -153,7 +152,7 @@ class SlidingRoPEAttention(RoPEAttention):
         return torch.cat([y_head, y_rest], dim=2)[:, :, :T]  # (B, nh, T, hs)
 
 
-def build(config: ModelConfig, options: RoPESlidingOptions | None) -> SlidingRoPEAttention:
+def build(config: ModelConfig, options: RoPESlidingOptions) -> SlidingRoPEAttention:
     check_even_head_size(config, "RoPE-Sliding")
     return SlidingRoPEAttention(config, options)
 

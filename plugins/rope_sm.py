@@ -28,25 +28,23 @@ import dataclasses
 import torch
 
 import ropelm
-from ropelm.attention import SelfAttention, check_n_kv_head
+from ropelm.attention import KVHeadOptions, SelfAttention
+from ropelm.config import ModelConfig
 from ropelm.errors import ConfigError
-from ropelm.model import ModelConfig
 from ropelm.rope import RopeScaling, RopeTables, ScalingKind, apply_rotary_emb
 
 
 @dataclasses.dataclass(frozen=True)
-class RoPEOptions:
-    """``model.att_options`` of RoPE-SM and RoPE-SM-complex.
+class RoPEOptions(KVHeadOptions):
+    """``model.att_options`` of RoPE-SM and RoPE-SM-complex: ``n_kv_head`` and scaling.
 
     Attributes:
-        n_kv_head: key/value heads (None: n_head); must divide n_head.
         scaling: RoPE context-extension method; ``none`` keeps the trained tables.
         scale_factor: extension factor s >= 1 (must stay 1 with ``scaling: none``).
         original_max_len: training context length L for YaRN (None: model.block_size).
         yarn_alpha, yarn_beta: YaRN ramp bounds (paper: 1 and 32).
     """
 
-    n_kv_head: int | None = None
     scaling: ScalingKind = "none"
     scale_factor: float = 1.0
     original_max_len: int | None = None
@@ -54,7 +52,7 @@ class RoPEOptions:
     yarn_beta: float = 32.0
 
     def __post_init__(self) -> None:
-        check_n_kv_head(self.n_kv_head)
+        super().__post_init__()
         if not self.scale_factor >= 1.0:
             raise ValueError(f"scale_factor must be >= 1, got {self.scale_factor}")
         if self.scaling == "none" and self.scale_factor != 1.0:
@@ -95,8 +93,7 @@ def check_even_head_size(config: ModelConfig, variant: str) -> None:
 class RoPEAttention(SelfAttention):
     """Causal softmax attention with queries and keys rotated by RoPE."""
 
-    def __init__(self, config: ModelConfig, options: RoPEOptions | None = None) -> None:
-        options = options if options is not None else RoPEOptions()
+    def __init__(self, config: ModelConfig, options: RoPEOptions) -> None:
         super().__init__(config, n_kv_head=options.n_kv_head)
         self.rope = RopeTables(
             self.head_size, base=config.rope_theta, scaling=options.rope_scaling(config)
@@ -110,7 +107,7 @@ class RoPEAttention(SelfAttention):
         return apply_rotary_emb(q, cos, sin), apply_rotary_emb(k, cos, sin)
 
 
-def build(config: ModelConfig, options: RoPEOptions | None) -> RoPEAttention:
+def build(config: ModelConfig, options: RoPEOptions) -> RoPEAttention:
     check_even_head_size(config, "RoPE-SM")
     return RoPEAttention(config, options)
 

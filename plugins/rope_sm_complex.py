@@ -19,35 +19,18 @@ from ropelm.plugins.rope_sm import RoPEOptions, check_even_head_size
 
 import ropelm
 from ropelm.attention import SelfAttention
-from ropelm.model import ModelConfig
+from ropelm.config import ModelConfig
 from ropelm.rope import RopeScaling, rope_angles
+from ropelm.tables import PositionTables
 
 
-class ComplexRotation:
-    """Complex numbers a e^{i m theta_i} per (device, dtype), grown on demand.
-
-    a = 1 unless YaRN ``scaling`` asks for its attention factor.
-    """
-
-    def __init__(self, head_dim: int, base: float, scaling: RopeScaling | None = None) -> None:
-        self.head_dim = head_dim
-        self.base = base
-        self.scaling = scaling
-        self._tables: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}
-
-    def get(self, start: int, end: int, device: torch.device, x_dtype: torch.dtype) -> torch.Tensor:
-        dtype = torch.complex128 if x_dtype == torch.float64 else torch.complex64
-        table = self._tables.get((device, dtype))
-        if table is None or table.size(0) < end:
-            length = max(end, 2 * table.size(0) if table is not None else end)
-            angles = rope_angles(
-                length, self.head_dim, self.base, scaling=self.scaling, device=device
-            )  # (T, hs/2) float64
-            factor = self.scaling.attention_factor if self.scaling is not None else 1.0
-            magnitude = torch.full_like(angles, factor)
-            table = torch.polar(magnitude, angles).to(dtype)  # (T, hs/2)
-            self._tables[(device, dtype)] = table
-        return table[start:end]
+def complex_rotation(
+    length: int, head_dim: int, base: float, scaling: RopeScaling | None, device: torch.device
+) -> torch.Tensor:
+    """Complex numbers a e^{i m theta_i} (T, hs/2), complex128; a = YaRN's factor or 1."""
+    angles = rope_angles(length, head_dim, base, scaling=scaling, device=device)  # float64
+    factor = scaling.attention_factor if scaling is not None else 1.0
+    return torch.polar(torch.full_like(angles, factor), angles)  # (T, hs/2)
 
 
 def apply_rotary_emb_complex(x: torch.Tensor, rotation: torch.Tensor) -> torch.Tensor:
@@ -61,21 +44,28 @@ def apply_rotary_emb_complex(x: torch.Tensor, rotation: torch.Tensor) -> torch.T
 class ComplexRoPEAttention(SelfAttention):
     """Causal softmax attention with RoPE applied as a complex multiplication."""
 
-    def __init__(self, config: ModelConfig, options: RoPEOptions | None = None) -> None:
-        options = options if options is not None else RoPEOptions()
+    def __init__(self, config: ModelConfig, options: RoPEOptions) -> None:
         super().__init__(config, n_kv_head=options.n_kv_head)
-        self.rotation = ComplexRotation(
-            self.head_size, base=config.rope_theta, scaling=options.rope_scaling(config)
-        )
+        self.rope_theta = config.rope_theta
+        self.scaling = options.rope_scaling(config)
+        self.rotation = PositionTables(self._make_rotation)
+
+    def _make_rotation(
+        self, length: int, device: torch.device, dtype: torch.dtype
+    ) -> tuple[torch.Tensor]:
+        rotation = complex_rotation(length, self.head_size, self.rope_theta, self.scaling, device)
+        return (rotation.to(dtype),)
 
     def position_qk(
         self, q: torch.Tensor, k: torch.Tensor, start: int
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        rotation = self.rotation.get(start, start + q.size(2), q.device, q.dtype)
+        # complex64 tables for float32 and narrower inputs, complex128 for float64
+        dtype = torch.complex128 if q.dtype == torch.float64 else torch.complex64
+        (rotation,) = self.rotation.get(start, start + q.size(2), q.device, dtype)  # (T, hs/2)
         return apply_rotary_emb_complex(q, rotation), apply_rotary_emb_complex(k, rotation)
 
 
-def build(config: ModelConfig, options: RoPEOptions | None) -> ComplexRoPEAttention:
+def build(config: ModelConfig, options: RoPEOptions) -> ComplexRoPEAttention:
     check_even_head_size(config, "RoPE-SM-complex")
     return ComplexRoPEAttention(config, options)
 

@@ -34,30 +34,29 @@ import torch
 from torch import nn
 
 import ropelm
-from ropelm.attention import SelfAttention, check_n_kv_head
+from ropelm.attention import KVHeadOptions, SelfAttention
+from ropelm.config import ModelConfig
 from ropelm.errors import ConfigError
-from ropelm.model import ModelConfig
+from ropelm.tables import PositionTables
 
 #: RMS of the sinusoids equal to the token embeddings' init std (0.02); see the module doc.
 DEFAULT_SCALE = 0.02 * 2**0.5
 
 
 @dataclasses.dataclass(frozen=True)
-class SinusoidalAPEOptions:
-    """``model.att_options`` of Sinusoidal-APE.
+class SinusoidalAPEOptions(KVHeadOptions):
+    """``model.att_options`` of Sinusoidal-APE: ``n_kv_head`` and the embedding's shape.
 
     Attributes:
-        n_kv_head: key/value heads for grouped-query attention (None: n_head).
         base: wavelength base (the paper's 10000).
         scale: amplitude of the embedding (default: RMS equal to the token embeddings').
     """
 
-    n_kv_head: int | None = None
     base: float = 10000.0
     scale: float = DEFAULT_SCALE
 
     def __post_init__(self) -> None:
-        check_n_kv_head(self.n_kv_head)
+        super().__post_init__()
         if not self.base > 1.0:
             raise ValueError(f"base must be > 1, got {self.base}")
         if not self.scale > 0.0:
@@ -78,33 +77,30 @@ class SinusoidalPositionEmbedding(nn.Module):
     def __init__(self, dim: int, base: float = 10000.0, scale: float = 1.0) -> None:
         super().__init__()
         self.dim, self.base, self.scale = dim, base, scale
-        self._tables: dict[torch.device, torch.Tensor] = {}
+        self._table = PositionTables(self._make)
+
+    def _make(self, length: int, device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor]:
+        table = self.scale * sinusoidal_table(length, self.dim, self.base)  # (T, C) float64
+        return (table.to(device=device, dtype=dtype),)
 
     def forward(self, positions: torch.Tensor) -> torch.Tensor:
         if positions.numel() == 0:
             return positions.new_zeros((0, self.dim), dtype=torch.float32)
         needed = int(positions.max()) + 1  # host sync, like RoPE's table growth
-        table = self._tables.get(positions.device)
-        if table is None or table.size(0) < needed:
-            length = max(needed, 2 * table.size(0) if table is not None else needed)
-            table = (self.scale * sinusoidal_table(length, self.dim, self.base)).float()
-            table = table.to(positions.device)
-            self._tables[positions.device] = table
+        (table,) = self._table.get(0, needed, positions.device, torch.float32)
         return table[positions]  # (T, C)
 
     def extra_repr(self) -> str:
         return f"dim={self.dim}, base={self.base}, scale={self.scale}"
 
 
-def build(config: ModelConfig, options: SinusoidalAPEOptions | None) -> SelfAttention:
-    options = options if options is not None else SinusoidalAPEOptions()
+def build(config: ModelConfig, options: SinusoidalAPEOptions) -> SelfAttention:
     return SelfAttention(config, n_kv_head=options.n_kv_head)
 
 
 def build_position_embedding(
-    config: ModelConfig, options: SinusoidalAPEOptions | None
+    config: ModelConfig, options: SinusoidalAPEOptions
 ) -> SinusoidalPositionEmbedding:
-    options = options if options is not None else SinusoidalAPEOptions()
     if config.n_embd % 2:
         raise ConfigError(
             f"model.n_embd: Sinusoidal-APE pairs sine and cosine features, so n_embd must be "

@@ -3,9 +3,17 @@
 Public API::
 
     from ropelm import ModelConfig, TransformerLM, Registry, AttentionSpec, hookimpl
+
+Names are imported on first use (PEP 562), so ``import ropelm.config`` or
+``import ropelm.tokenizer`` costs no torch import: a plugin module's
+``import ropelm; @ropelm.hookimpl`` and the data pipeline stay light.
 """
 
-from ropelm.attention import AttentionSpec, Capabilities, KVCache, SelfAttention
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
 from ropelm.errors import (
     CheckpointError,
     ConfigError,
@@ -13,15 +21,62 @@ from ropelm.errors import (
     PluginError,
     RopelmError,
     UnknownAttentionError,
+    UnsupportedShapeError,
 )
 from ropelm.hookspecs import hookimpl
-from ropelm.model import DecodeState, ModelConfig, TransformerLM
-from ropelm.registry import Registry
-from ropelm.rope import apply_rotary_emb, build_rope_cache
 
 __version__ = "0.1.0"
 
+#: public name -> the module that defines it (imported when the name is first used)
+_LAZY = {
+    "AttentionLayer": "ropelm.attention",
+    "AttentionSpec": "ropelm.attention",
+    "Capabilities": "ropelm.attention",
+    "KVCache": "ropelm.attention",
+    "KVHeadOptions": "ropelm.attention",
+    "ResolvedAttention": "ropelm.attention",
+    "SelfAttention": "ropelm.attention",
+    "ModelConfig": "ropelm.config",
+    "DecodeState": "ropelm.model",
+    "TransformerLM": "ropelm.model",
+    "Registry": "ropelm.registry",
+    "PositionTables": "ropelm.tables",
+    "apply_rotary_emb": "ropelm.rope",
+    "build_rope_cache": "ropelm.rope",
+}
+
+if TYPE_CHECKING:
+    from ropelm.attention import (
+        AttentionLayer,
+        AttentionSpec,
+        Capabilities,
+        KVCache,
+        KVHeadOptions,
+        ResolvedAttention,
+        SelfAttention,
+    )
+    from ropelm.config import ModelConfig
+    from ropelm.model import DecodeState, TransformerLM
+    from ropelm.registry import Registry
+    from ropelm.rope import apply_rotary_emb, build_rope_cache
+    from ropelm.tables import PositionTables
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'ropelm' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value  # later lookups skip __getattr__
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *_LAZY])
+
+
 __all__ = [
+    "AttentionLayer",
     "AttentionSpec",
     "Capabilities",
     "CheckpointError",
@@ -29,13 +84,17 @@ __all__ = [
     "DataError",
     "DecodeState",
     "KVCache",
+    "KVHeadOptions",
     "ModelConfig",
     "PluginError",
+    "PositionTables",
     "Registry",
+    "ResolvedAttention",
     "RopelmError",
     "SelfAttention",
     "TransformerLM",
     "UnknownAttentionError",
+    "UnsupportedShapeError",
     "apply_rotary_emb",
     "build_rope_cache",
     "hookimpl",

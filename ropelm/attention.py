@@ -1,31 +1,59 @@
 """The attention plugin contract and a reusable multi-head attention skeleton.
 
-A plugin registers an :class:`AttentionSpec`; the model calls ``spec.factory``
-once per layer to build a module that maps ``(B, T, C) -> (B, T, C)``. Modules
-that declare ``Capabilities(kv_cache=True)`` also implement
-``init_cache(batch_size, max_len, device, dtype)`` and accept the returned cache
-as ``forward(x, cache=cache)`` for incremental decoding.
+Notation used for tensor shapes in this module, the plugins and the model::
+
+    B    batch size
+    T    sequence length of the current forward pass (queries)
+    L    key length (T, or the cached positions plus T when decoding)
+    C    model width, n_embd
+    V    vocabulary size
+    nh   query heads, n_head
+    nkv  key/value heads, n_kv_head (nh for plain multi-head attention)
+    hs   head size, C // nh
+
+A plugin registers an :class:`AttentionSpec`. The registry turns the spec and
+the user's ``model.att_options`` into a :class:`ResolvedAttention` (options
+parsed once, at the boundary), from which the model builds one
+:class:`AttentionLayer` per block: a module mapping ``(B, T, C) -> (B, T, C)``.
+Layers of variants that declare ``Capabilities(kv_cache=True)`` also implement
+``init_cache(batch_size, max_len, device, dtype)`` and accept the returned
+cache as ``forward(x, cache=cache)`` for incremental decoding.
 
 Most variants only change how queries and keys carry position, or how scores
 are turned into weights: subclass :class:`SelfAttention` and override
-:meth:`SelfAttention.position_qk` or :meth:`SelfAttention.attend`.
+:meth:`SelfAttention.position_qk` or :meth:`SelfAttention.attend`. Variants that
+only need grouped-query attention take :class:`KVHeadOptions` as their options.
 """
 
 from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable, Mapping
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import pydantic
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ropelm.errors import ConfigError, did_you_mean
+from ropelm.config import ModelConfig
+from ropelm.errors import ConfigError, PluginError, UnsupportedShapeError, did_you_mean
 
-if TYPE_CHECKING:
-    from ropelm.model import ModelConfig
+
+class AttentionLayer(Protocol):
+    """What the model needs from the module an :class:`AttentionSpec` factory builds.
+
+    ``forward(x, cache=None)`` maps hidden states (B, T, C) to (B, T, C); with a
+    cache it continues the sequence the cache holds. ``init_cache`` is needed
+    only when the spec declares ``Capabilities(kv_cache=True)``; the cache it
+    returns is any object with a ``length`` (positions consumed so far).
+    """
+
+    def __call__(self, x: torch.Tensor, cache: Any | None = None) -> torch.Tensor: ...
+
+    def init_cache(
+        self, batch_size: int, max_len: int, device: torch.device, dtype: torch.dtype
+    ) -> Any: ...
 
 
 @dataclasses.dataclass(frozen=True)
@@ -54,9 +82,9 @@ class Capabilities:
 
 
 # (config, options) -> nn.Module mapping (B, T, C) -> (B, T, C)
-AttentionFactory = Callable[["ModelConfig", Any], nn.Module]
+AttentionFactory = Callable[[ModelConfig, Any], nn.Module]
 # (config, options) -> nn.Module mapping positions (T,) -> (T, C)
-PositionEmbeddingFactory = Callable[["ModelConfig", Any], nn.Module]
+PositionEmbeddingFactory = Callable[[ModelConfig, Any], nn.Module]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -67,7 +95,10 @@ class AttentionSpec:
         name: the registry name, i.e. the value of ``model.att_type``.
         description: one line for ``ropelm-exp plugins``.
         reference: URL of the paper (or code) the variant implements.
-        factory: ``factory(config, options)`` builds the attention module of one layer.
+        factory: ``factory(config, options)`` builds the attention module of one layer
+            (an :class:`AttentionLayer`); ``options`` is always an instance of
+            ``options`` (its defaults when the user gave none), or None when the
+            variant takes no options.
         options: a dataclass type holding the variant's own options; users set them
             under ``model.att_options`` and they are validated against this type.
         capabilities: what the variant supports (see :class:`Capabilities`).
@@ -147,6 +178,99 @@ class AttentionSpec:
             raise ConfigError(f"{where}: {message} (attention '{self.name}'{got}).") from None
 
 
+@dataclasses.dataclass(frozen=True)
+class ResolvedAttention:
+    """An attention variant with its validated options: what :class:`TransformerLM` builds from.
+
+    Made by :meth:`ropelm.Registry.resolve` (the one step that validates
+    ``model.att_type`` and ``model.att_options``), so the model, the engine and
+    the evaluation trust ``options`` without parsing them again.
+
+    Attributes:
+        spec: the registered variant.
+        options: an instance of ``spec.options`` (None when the variant takes none).
+        source: where the plugin came from (``builtin (...)``, a package, a module).
+        version: the plugin's package version, when known.
+    """
+
+    spec: AttentionSpec
+    options: Any
+    source: str = "unregistered"
+    version: str | None = None
+
+    @classmethod
+    def resolve(
+        cls,
+        spec: AttentionSpec,
+        config: ModelConfig,
+        *,
+        source: str = "unregistered",
+        version: str | None = None,
+    ) -> ResolvedAttention:
+        """Parse ``config.att_options`` with ``spec`` and check that it accepts the model shape.
+
+        One layer (and the input position embedding, if any) is built on the meta
+        device, so the variant's own checks (an even head size for RoPE, a divisor
+        for ``n_kv_head``, ...) run without allocating memory.
+
+        Raises:
+            ConfigError: a bad option.
+            UnsupportedShapeError: a model shape the variant rejects (a ConfigError too).
+            PluginError: the factory built something that is not an attention layer.
+        """
+        if config.att_type != spec.name:
+            raise ValueError(f"config.att_type is {config.att_type!r}, the spec is {spec.name!r}")
+        resolved = cls(spec, spec.parse_options(config.att_options), source, version)
+        try:
+            with torch.device("meta"):
+                layer = resolved.build_layer(config)
+                resolved.build_position_embedding(config)
+        except ConfigError as err:
+            raise UnsupportedShapeError(str(err)) from None
+        cache_missing = spec.capabilities.kv_cache and not callable(
+            getattr(layer, "init_cache", None)
+        )
+        if not isinstance(layer, nn.Module) or cache_missing:
+            needs = "an nn.Module" + (" with init_cache (kv_cache=True)" if cache_missing else "")
+            raise PluginError(
+                f"The factory of attention '{spec.name}' ({source}) returned "
+                f"{type(layer).__name__}, not {needs}; see ropelm.attention.AttentionLayer."
+            )
+        return resolved
+
+    @property
+    def name(self) -> str:
+        return self.spec.name
+
+    def build_layer(self, config: ModelConfig) -> nn.Module:
+        """The attention module of one block."""
+        return self.spec.factory(config, self.options)
+
+    def build_position_embedding(self, config: ModelConfig) -> nn.Module | None:
+        """The input position embedding, for variants that declare one (else None)."""
+        if self.spec.position_embedding is None:
+            return None
+        return self.spec.position_embedding(config, self.options)
+
+
+@dataclasses.dataclass(frozen=True)
+class KVHeadOptions:
+    """``model.att_options`` of variants whose only option is grouped-query attention.
+
+    Attributes:
+        n_kv_head: key/value heads (None: n_head); must divide n_head. ``n_kv_head``
+            < ``n_head`` is grouped-query attention (https://arxiv.org/abs/2305.13245),
+            1 is multi-query attention (https://arxiv.org/abs/1911.02150). Changes the
+            shape of ``c_attn``, so it must match the checkpoint.
+    """
+
+    n_kv_head: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.n_kv_head is not None and self.n_kv_head < 1:
+            raise ValueError(f"n_kv_head must be >= 1 (or unset for n_head), got {self.n_kv_head}")
+
+
 class KVCache:
     """Keys and values of one attention layer, preallocated for ``max_len`` positions.
 
@@ -181,12 +305,6 @@ class KVCache:
         self.v[:, :, self.length : end] = v
         self.length = end
         return self.k[:, :, :end], self.v[:, :, :end]
-
-
-def check_n_kv_head(n_kv_head: int | None) -> None:
-    """Range check of an ``n_kv_head`` option (divisibility is checked against the model)."""
-    if n_kv_head is not None and n_kv_head < 1:
-        raise ValueError(f"n_kv_head must be >= 1 (or unset for n_head), got {n_kv_head}")
 
 
 def causal_mask(t_query: int, start: int, device: torch.device) -> torch.Tensor:

@@ -59,10 +59,13 @@ from typing import Any
 
 import torch
 
-from ropelm.errors import RopelmError
-from ropelm.model import ModelConfig, TransformerLM
+from ropelm.attention import ResolvedAttention
+from ropelm.config import ModelConfig
+from ropelm.errors import RopelmError, UnsupportedShapeError
+from ropelm.model import TransformerLM
+from ropelm.recipe import Precision, resolve_precision
 from ropelm.registry import Registry
-from ropelm.sweep import VariantChoice
+from ropelm.variants import VariantChoice
 
 REFERENCE = "RoPE-SM"
 MB = 2**20
@@ -163,30 +166,44 @@ def peak_step_memory(step: Callable[[], None], device: torch.device) -> int:
 
 @dataclass
 class _Candidate:
-    """A variant's model on one device (None when it could not be built, with the reason)."""
+    """A variant to measure: its config, resolved attention and model on the current device.
+
+    ``model`` is None when the variant cannot be built (``reason`` says why).
+    """
 
     choice: VariantChoice
-    model: TransformerLM | None
+    config: ModelConfig
+    attention: ResolvedAttention | None
     reason: str | None = None
+    model: TransformerLM | None = None
 
+    @classmethod
+    def resolve(cls, choice: VariantChoice, config: ModelConfig, registry: Registry) -> _Candidate:
+        """Unknown names and bad options raise; a model shape the variant rejects is n/a."""
+        config = config.model_copy(
+            update={"att_type": choice.name, "att_options": choice.options_dict}
+        )
+        try:
+            return cls(choice, config, registry.resolve(config))
+        except UnsupportedShapeError as err:  # e.g. an odd head size for RoPE
+            return cls(choice, config, None, str(err).splitlines()[0])
 
-def _build(
-    choice: VariantChoice, config: ModelConfig, registry: Registry, device: torch.device
-) -> _Candidate:
-    variant_config = config.model_copy(
-        update={"att_type": choice.name, "att_options": choice.options_dict}
-    )
-    try:
-        torch.manual_seed(0)
-        model = TransformerLM(variant_config, registry).to(device).train()
-    except (RopelmError, RuntimeError) as err:  # a shape the variant rejects, out of memory
-        return _Candidate(choice, None, str(err).splitlines()[0])
-    return _Candidate(choice, model)
+    def build_on(self, device: torch.device) -> None:
+        """Build the model on ``device`` (seed 0, train mode), replacing the previous one."""
+        self.model = None
+        if self.attention is None:
+            return
+        try:
+            torch.manual_seed(0)
+            self.model = TransformerLM(self.config, self.attention).to(device).train()
+        except RuntimeError as err:  # out of memory
+            self.reason = str(err).splitlines()[0]
 
 
 def bench_variants(
     variants: Sequence[VariantChoice],
     lengths: Sequence[int],
+    registry: Registry,
     *,
     model: ModelConfig,
     batch_size: int = 4,
@@ -195,33 +212,36 @@ def bench_variants(
     warmup: int = 2,
     memory: bool = True,
     peak_tflops: float | None = None,
-    registry: Registry | None = None,
     log: Callable[[str], None] = print,
 ) -> dict[str, Any]:
-    """Measure every variant at every length on every device; return the bench JSON dict."""
+    """Measure every variant at every length on every device; return the bench JSON dict.
+
+    Unknown variants and bad options raise before any timing; a variant that
+    cannot build a model of this shape gets rows of n/a with the reason.
+    """
     import ropelm
 
-    registry = registry or Registry.default()
-    for choice in variants:  # unknown names and bad options fail before any timing
-        registry.get(choice.name).parse_options(choice.options_dict)
     lengths = sorted(set(lengths))
     config = model.model_copy(update={"block_size": max(lengths), "dropout": 0.0})
+    candidates = [_Candidate.resolve(v, config, registry) for v in variants]
     reference = next((v.label for v in variants if v.label == REFERENCE), None)
     results: list[dict[str, Any]] = []
     names: dict[str, str] = {}
     for device_str in devices:
         device = torch.device(device_str)
         names[device_str] = device_name(device)
-        amp = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else None
-        candidates = [_build(v, config, registry, device) for v in variants]
+        precision = resolve_precision("auto", device)  # bf16 autocast on CUDA, as training
+        for candidate in candidates:
+            candidate.build_on(device)
         for length in lengths:
             log(f"bench {device_str} T={length}")
             rows = _measure_length(
-                candidates, length, batch_size, device, rounds, warmup, memory, amp,
+                candidates, length, batch_size, device, rounds, warmup, memory, precision,
                 reference, peak_flops(device, peak_tflops), config,
             )  # fmt: skip
             results += rows
-        del candidates
+        for candidate in candidates:
+            candidate.model = None
         if device.type == "cuda":
             torch.cuda.empty_cache()
     return {
@@ -252,7 +272,7 @@ def _measure_length(
     rounds: int,
     warmup: int,
     memory: bool,
-    amp: Any,
+    precision: Precision,
     reference: str | None,
     peak: float | None,
     config: ModelConfig,
@@ -260,7 +280,7 @@ def _measure_length(
     generator = torch.Generator().manual_seed(length)
     x = torch.randint(0, config.vocab_size, (batch_size, length), generator=generator).to(device)
     y = torch.roll(x, -1, dims=1)  # (B, T) any valid targets
-    autocast = (lambda: amp) if amp is not None else contextlib.nullcontext
+    autocast = precision.autocast
 
     def forward(model: TransformerLM) -> None:
         with torch.no_grad(), autocast():

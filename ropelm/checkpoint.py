@@ -32,8 +32,9 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from ropelm.atomic import atomic_write_json, file_sha256, fsync_dir, fsync_file
+from ropelm.config import ModelConfig
 from ropelm.errors import CheckpointError, RopelmError
-from ropelm.model import ModelConfig, TransformerLM
+from ropelm.model import TransformerLM
 from ropelm.registry import Registry
 
 FORMAT_VERSION = 1
@@ -224,20 +225,33 @@ def load_trainer_state(directory: Path) -> dict[str, Any]:
         ) from None
 
 
+def checkpoint_registry(path: str | Path, which: str = "best") -> Registry:
+    """The registry a checkpoint's model needs: built-ins, entry points and the plugin
+    modules its ``model_config.json`` names (those of the experiment that trained it)."""
+    _, plugins = read_model_config(resolve_checkpoint(Path(path), which))
+    return Registry.default(plugins)
+
+
 def load_model(
     path: str | Path,
+    registry: Registry,
     *,
     which: str = "best",
     device: torch.device | str = "cpu",
-    registry: Registry | None = None,
     verify: bool = True,
 ) -> TransformerLM:
-    """Rebuild a trained model from a run directory or checkpoint directory, in eval mode."""
+    """Rebuild a trained model from a run directory or checkpoint directory, in eval mode.
+
+    ``registry`` must hold the model's attention variant; for a run trained with
+    plugin modules, :func:`checkpoint_registry` builds the registry it needs::
+
+        model = load_model("runs/quickstart", Registry.default())
+    """
     directory = resolve_checkpoint(Path(path), which)
     if verify:
         verify_checkpoint(directory)
-    model_config, plugins = read_model_config(directory)
-    model = TransformerLM(model_config, registry or Registry.default(plugins))
+    model_config, _ = read_model_config(directory)
+    model = TransformerLM(model_config, registry.resolve(model_config))
     load_weights(model, directory, device)
     return model.to(device).eval()
 

@@ -1,11 +1,16 @@
 """The experiment schema: YAML -> validated, typed configuration.
 
 An experiment YAML has the sections ``model``, ``tokenizer``, ``data``,
-``train``, ``eval`` and ``plugins``. Everything is validated here, once: an
-unknown key is an error naming its dotted path and the closest valid key, a
-wrong type names the path and the expected type, and the attention variant's
-own options are validated by the variant. Code past this point trusts the
-typed values.
+``train``, ``eval`` and ``plugins``. This module validates all of them, once:
+an unknown key is an error naming its dotted path and the closest valid key, a
+wrong type names the path and the expected type. Code past this point trusts
+the typed values.
+
+It imports neither torch nor the plugin registry, so reading a configuration
+(to train a tokenizer or prepare data) costs no model code. The attention
+variant's own options (``model.att_options``) are the variant's business: they
+are validated in one later step, :meth:`ropelm.registry.Registry.resolve`, when
+the plugins are loaded (see :mod:`ropelm.experiment`).
 """
 
 from __future__ import annotations
@@ -16,15 +21,58 @@ from pathlib import Path
 from typing import Any, Literal
 
 import pydantic
-import torch
 import yaml
 from pydantic import ConfigDict, Field, NonNegativeInt, PositiveFloat, PositiveInt
 
 from ropelm.errors import ConfigError, format_validation_error
-from ropelm.model import ModelConfig
-from ropelm.registry import Registry
 
 DEFAULT_HUB_DATASET = "lucadiliello/english_wikipedia"
+
+
+class ModelConfig(pydantic.BaseModel):
+    """Model hyperparameters, validated on construction (the seed's names and defaults).
+
+    ``att_options`` holds the options of the chosen attention variant; they are
+    validated by that variant's own options type (``Registry.resolve``), never
+    added here as keywords.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    block_size: PositiveInt = 1024
+    vocab_size: PositiveInt = 32768
+    n_layer: PositiveInt = 12
+    n_head: PositiveInt = 12
+    n_embd: PositiveInt = 768
+    dropout: float = Field(0.1, ge=0.0, lt=1.0)
+    bias: bool = True
+    att_type: str = "RoPE-SM"
+    pad_token_id: int | None = Field(None, ge=0)
+    rope_theta: float = Field(10000.0, gt=0.0)
+    att_options: dict[str, Any] = Field(default_factory=dict)
+
+    def __init__(self, **data: Any) -> None:
+        try:
+            super().__init__(**data)
+        except pydantic.ValidationError as err:
+            raise ConfigError(format_validation_error(err, ModelConfig, prefix="model")) from None
+
+    @pydantic.model_validator(mode="after")
+    def _check_shapes(self) -> ModelConfig:
+        if self.n_embd % self.n_head:
+            raise ValueError(
+                f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head}); "
+                "change one of them"
+            )
+        if self.pad_token_id is not None and self.pad_token_id >= self.vocab_size:
+            raise ValueError(
+                f"pad_token_id ({self.pad_token_id}) must be below vocab_size ({self.vocab_size})"
+            )
+        return self
+
+    @property
+    def head_size(self) -> int:
+        return self.n_embd // self.n_head
 
 
 class _Section(pydantic.BaseModel):
@@ -111,9 +159,16 @@ class ExperimentConfig(_Section):
     train: TrainConfig = Field(default_factory=TrainConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
 
-    def registry(self) -> Registry:
-        """The registry for this experiment: built-ins, entry points and ``plugins``."""
-        return Registry.default(self.plugins)
+
+def parse_value(text: str) -> Any:
+    """A value written on the command line, read as YAML: ``"16"`` -> 16, ``"null"`` -> None.
+
+    Text that is not valid YAML stays the string it is; an empty value is None.
+    """
+    try:
+        return yaml.safe_load(text) if text.strip() else None
+    except yaml.YAMLError:
+        return text
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:
@@ -123,11 +178,7 @@ def parse_override(text: str) -> tuple[list[str], Any]:
         raise ConfigError(
             f"--set '{text}': write overrides as key.path=value, e.g. train.batch_size=16."
         )
-    try:
-        parsed = yaml.safe_load(value) if value.strip() else None
-    except yaml.YAMLError:
-        parsed = value
-    return key.strip().split("."), parsed
+    return key.strip().split("."), parse_value(value)
 
 
 def apply_overrides(raw: Mapping[str, Any], overrides: Iterable[str]) -> dict[str, Any]:
@@ -173,11 +224,11 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
 
 
 def validate(raw: Mapping[str, Any], *, base_dir: Path | None = None) -> ExperimentConfig:
-    """Validate a raw mapping into an :class:`ExperimentConfig`.
+    """Validate a raw mapping into an :class:`ExperimentConfig` (the schema; no plugins).
 
     ``plugins`` entries that are ``.py`` paths are resolved against ``base_dir``
-    (the YAML's folder). The attention type and its options are checked against
-    the registry built from the experiment's plugins.
+    (the YAML's folder). ``model.att_type`` and ``model.att_options`` are checked
+    later, against the registry the experiment's plugins make (``Registry.resolve``).
     """
     raw = dict(raw)
     if base_dir is not None and isinstance(raw.get("plugins"), list):
@@ -186,24 +237,11 @@ def validate(raw: Mapping[str, Any], *, base_dir: Path | None = None) -> Experim
         config = ExperimentConfig.model_validate(raw)
     except pydantic.ValidationError as err:
         raise ConfigError(format_validation_error(err, ExperimentConfig)) from None
-    check_model(config.model, config.registry())
     return config
 
 
-def check_model(model: ModelConfig, registry: Registry) -> None:
-    """Check ``att_type``, its options, and that the variant accepts the model shape.
-
-    One attention layer is built on the meta device, so the variant's own checks
-    (an even head size for RoPE, ...) run without allocating any memory.
-    """
-    spec = registry.get(model.att_type)
-    options = spec.parse_options(model.att_options)
-    with torch.device("meta"):
-        spec.factory(model, options)
-
-
 def load_experiment(path: str | Path, overrides: Iterable[str] = ()) -> ExperimentConfig:
-    """Read, override and validate an experiment YAML."""
+    """Read, override and validate an experiment YAML (the schema; see :func:`validate`)."""
     path = Path(path)
     raw = apply_overrides(read_yaml(path), overrides)
     return validate(raw, base_dir=path.parent)

@@ -12,8 +12,8 @@ Each split's file is the concatenation, in source order, of every document of
 that split as ``tokenizer.encode(text).ids`` followed by one end-of-text token
 (``<|endoftext|>``): ``doc1 EOT doc2 EOT ... docN EOT``. Ids are little-endian
 ``uint16`` when the vocabulary has at most 65,536 tokens, else ``uint32``.
-Documents go to a split by :func:`ropelm.sources.split_of` (a hash of the split
-seed and the text), so the split does not depend on order or count.
+Documents go to a split by :meth:`ropelm.sources.DocumentSource.by_split` (a hash
+of the split seed and the text), so the split does not depend on order or count.
 
 Every file is written to a temporary name in the same directory, fsync'ed and
 renamed into place; an old ``meta.json`` is removed before new token files
@@ -36,19 +36,13 @@ from typing import Any
 import numpy as np
 from tqdm.auto import tqdm
 
-from ropelm.atomic import atomic_path, atomic_write_json
+from ropelm.atomic import atomic_path, atomic_write_json, file_sha256
+from ropelm.cache import cache_lock, content_hash
 from ropelm.config import ExperimentConfig
 from ropelm.errors import DataError
-from ropelm.sources import SPLITS, DocumentSource, split_of
+from ropelm.sources import SPLITS, DocumentSource
 from ropelm.tokenfile import TokenFile
-from ropelm.tokenizer import (
-    SPECIAL_TOKENS,
-    TokenizerInfo,
-    cache_lock,
-    content_hash,
-    file_sha256,
-    load_tokenizer,
-)
+from ropelm.tokenizer import SPECIAL_TOKENS, TokenizerInfo, load_tokenizer
 
 __all__ = [
     "DATA_FORMAT",
@@ -221,9 +215,8 @@ def _tokenize(
         pending[split], chars[split] = [], 0
 
     with tqdm(desc="prepare", unit=" docs", disable=not progress, total=d.max_documents) as bar:
-        for text in source:
+        for split, text in source.by_split():
             read += 1
-            split = split_of(text, d.split_seed, d.val_fraction)
             pending[split].append(text)
             chars[split] += len(text)
             if "<|" in text and any(t in text for t in SPECIAL_TOKENS):

@@ -71,11 +71,6 @@ def init_distributed(device: torch.device) -> DistributedContext:
     return ctx
 
 
-def shutdown_distributed() -> None:
-    if dist.is_available() and dist.is_initialized():
-        dist.destroy_process_group()
-
-
 def resolve_device(name: str, ctx: DistributedContext | None = None) -> torch.device:
     """``auto`` -> this process's GPU when CUDA is available, else the CPU."""
     ctx = ctx or context_from_env()

@@ -20,6 +20,11 @@ class ConfigError(RopelmError, ValueError):
     """An experiment or model configuration is invalid."""
 
 
+class UnsupportedShapeError(ConfigError):
+    """The attention variant cannot build a model of this shape (e.g. RoPE with an odd
+    head size); its options themselves are valid."""
+
+
 class PluginError(RopelmError):
     """A plugin failed to import, registered a malformed spec or a duplicate name."""
 

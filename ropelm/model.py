@@ -1,70 +1,29 @@
 """The transformer language model: embeddings, pre-LayerNorm blocks, final norm, LM head.
 
-The attention layer of every block comes from the registry by
-``config.att_type``; everything else is shared by all variants, so a
-comparison between variants changes one thing only.
+The attention layer of every block comes from the variant the registry resolved
+for ``config.att_type`` (:class:`ropelm.attention.ResolvedAttention`); everything
+else is shared by all variants, so a comparison between variants changes one
+thing only. ``ModelConfig`` itself lives in :mod:`ropelm.config` (it needs no
+torch) and is re-exported here, where the original design named it.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import pydantic
 import torch
 import torch.nn.functional as F
-from pydantic import ConfigDict, Field, PositiveInt
 from torch import nn
 
-from ropelm.attention import AttentionSpec
-from ropelm.errors import ConfigError, format_validation_error
-from ropelm.registry import Registry
+from ropelm.attention import AttentionSpec, ResolvedAttention
+from ropelm.config import ModelConfig
 
+if TYPE_CHECKING:
+    from ropelm.registry import Registry
 
-class ModelConfig(pydantic.BaseModel):
-    """Model hyperparameters, validated on construction (the seed's names and defaults).
-
-    ``att_options`` holds the options of the chosen attention variant; they are
-    validated by that variant's own options type, never added here as keywords.
-    """
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    block_size: PositiveInt = 1024
-    vocab_size: PositiveInt = 32768
-    n_layer: PositiveInt = 12
-    n_head: PositiveInt = 12
-    n_embd: PositiveInt = 768
-    dropout: float = Field(0.1, ge=0.0, lt=1.0)
-    bias: bool = True
-    att_type: str = "RoPE-SM"
-    pad_token_id: int | None = Field(None, ge=0)
-    rope_theta: float = Field(10000.0, gt=0.0)
-    att_options: dict[str, Any] = Field(default_factory=dict)
-
-    def __init__(self, **data: Any) -> None:
-        try:
-            super().__init__(**data)
-        except pydantic.ValidationError as err:
-            raise ConfigError(format_validation_error(err, ModelConfig, prefix="model")) from None
-
-    @pydantic.model_validator(mode="after")
-    def _check_shapes(self) -> ModelConfig:
-        if self.n_embd % self.n_head:
-            raise ValueError(
-                f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head}); "
-                "change one of them"
-            )
-        if self.pad_token_id is not None and self.pad_token_id >= self.vocab_size:
-            raise ValueError(
-                f"pad_token_id ({self.pad_token_id}) must be below vocab_size ({self.vocab_size})"
-            )
-        return self
-
-    @property
-    def head_size(self) -> int:
-        return self.n_embd // self.n_head
+__all__ = ["MLP", "Block", "DecodeState", "ModelConfig", "TransformerLM"]
 
 
 class MLP(nn.Module):
@@ -105,20 +64,26 @@ class DecodeState:
 
 
 class TransformerLM(nn.Module):
-    """Decoder-only language model whose attention comes from the plugin registry."""
+    """Decoder-only language model whose attention is a registered plugin variant.
 
-    def __init__(self, config: ModelConfig, registry: Registry | None = None) -> None:
+    ``attention`` comes from ``registry.resolve(config)``, which a command does
+    once; :meth:`from_config` is the shortcut for notebooks and scripts.
+    """
+
+    def __init__(self, config: ModelConfig, attention: ResolvedAttention) -> None:
         super().__init__()
-        registry = registry if registry is not None else Registry.default()
-        spec: AttentionSpec = registry.get(config.att_type)
-        options = spec.parse_options(config.att_options)
+        if attention.name != config.att_type:
+            raise ValueError(
+                f"attention {attention.name!r} was resolved for another att_type than "
+                f"{config.att_type!r}"
+            )
         self.config = config
-        self.spec = spec
+        self.attention = attention
         self.tok_emb = nn.Embedding(config.vocab_size, config.n_embd)
-        self.pos_emb = spec.position_embedding(config, options) if spec.position_embedding else None
+        self.pos_emb = attention.build_position_embedding(config)
         self.drop = nn.Dropout(config.dropout)
         self.blocks = nn.ModuleList(
-            Block(config, spec.factory(config, options)) for _ in range(config.n_layer)
+            Block(config, attention.build_layer(config)) for _ in range(config.n_layer)
         )
         self.ln_f = nn.LayerNorm(config.n_embd, bias=config.bias)
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=config.bias)
@@ -127,6 +92,26 @@ class TransformerLM(nn.Module):
         for name, param in self.named_parameters():
             if name.endswith("c_proj.weight"):
                 nn.init.normal_(param, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
+
+    @classmethod
+    def from_config(cls, config: ModelConfig, registry: Registry | None = None) -> TransformerLM:
+        """Resolve ``config``'s attention with ``registry`` and build the model.
+
+        The convenience for interactive use: without ``registry`` it builds the
+        default one (built-in plugins and installed entry points) on every call.
+        Commands and library code build the registry once and pass
+        ``registry.resolve(config)`` to the constructor instead.
+        """
+        if registry is None:
+            from ropelm.registry import Registry
+
+            registry = Registry.default()
+        return cls(config, registry.resolve(config))
+
+    @property
+    def spec(self) -> AttentionSpec:
+        """The attention variant's registered spec (name, capabilities, ...)."""
+        return self.attention.spec
 
     @staticmethod
     def _init_weights(module: nn.Module) -> None:

@@ -14,6 +14,7 @@ from ropelm.data import PreparedData, load_prepared, prepare_data, tokens_dir
 from ropelm.distributed import init_distributed, resolve_device
 from ropelm.engine import train
 from ropelm.errors import DataError
+from ropelm.experiment import Experiment
 from ropelm.runs import RunDir
 from ropelm.tokenizer import TokenizerInfo, tokenizer_info, tokenizer_path, train_tokenizer
 
@@ -43,31 +44,33 @@ def cached_stages(
 
 
 def train_only(
-    config: ExperimentConfig,
+    experiment: Experiment,
     *,
     out_dir: Path | None = None,
     resume: bool = False,
     progress: bool = True,
-    experiment: str = "EXPERIMENT.yaml",
+    experiment_file: str = "EXPERIMENT.yaml",
 ) -> dict[str, Any]:
     """The training stage alone, on the tokenizer and token files prepared earlier."""
+    config = experiment.config
     run_dir = RunDir(out_dir or default_run_dir(config))
     dist_ctx = init_distributed(resolve_device(config.train.device))
-    tokenizer, data = cached_stages(config, experiment)
+    tokenizer, data = cached_stages(config, experiment_file)
     if dist_ctx.is_main:
         run_dir.claim(config, resume=resume)
     dist_ctx.barrier()
-    return train(config, data, tokenizer, run_dir, resume=resume, progress=progress)
+    return train(experiment, data, tokenizer, run_dir, resume=resume, progress=progress)
 
 
 def run_experiment(
-    config: ExperimentConfig,
+    experiment: Experiment,
     *,
     out_dir: Path | None = None,
     resume: bool = False,
     progress: bool = True,
 ) -> dict[str, Any]:
-    """Run every stage of ``config``; returns the training summary."""
+    """Run every stage of ``experiment``; returns the training summary."""
+    config = experiment.config
     run_dir = RunDir(out_dir or default_run_dir(config))
     dist_ctx = init_distributed(resolve_device(config.train.device))
     if dist_ctx.is_main:  # one process builds the caches, the others then reuse them
@@ -78,4 +81,4 @@ def run_experiment(
     if not dist_ctx.is_main:
         tokenizer = train_tokenizer(config, progress=False)
         data = prepare_data(config, tokenizer, progress=False)
-    return train(config, data, tokenizer, run_dir, resume=resume, progress=progress)
+    return train(experiment, data, tokenizer, run_dir, resume=resume, progress=progress)

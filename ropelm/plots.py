@@ -30,7 +30,7 @@ import matplotlib.pyplot as plt
 from matplotlib.ticker import FuncFormatter
 
 from ropelm.atomic import atomic_path
-from ropelm.evaluate import METHODS
+from ropelm.perplexity import METHODS
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure

@@ -7,14 +7,14 @@ their own loop.
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass
 
 import torch
 
-from ropelm.config import ExperimentConfig, TrainConfig
+from ropelm.config import ExperimentConfig, ModelConfig, TrainConfig
 from ropelm.errors import ConfigError
-from ropelm.model import ModelConfig
 
 
 def lr_at(step: int, total_steps: int, train: TrainConfig) -> float:
@@ -46,20 +46,47 @@ def build_optimizer(
     )
 
 
-def resolve_precision(train: TrainConfig, device: torch.device) -> torch.dtype | None:
-    """The autocast dtype, or None for plain fp32.
+@dataclass(frozen=True)
+class Precision:
+    """Mixed precision on one device: the autocast dtype (None: plain fp32) and its context.
+
+    Training, evaluation and ``bench`` all run their forward passes inside
+    :meth:`autocast`, so a variant is measured in the precision it trains in.
+    """
+
+    device_type: str
+    dtype: torch.dtype | None = None
+
+    @property
+    def needs_grad_scaler(self) -> bool:
+        """fp16 gradients underflow without loss scaling; bf16 and fp32 need none."""
+        return self.dtype == torch.float16
+
+    @property
+    def name(self) -> str:
+        return {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[self.dtype]
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        """A fresh context: ``torch.autocast`` in :attr:`dtype`, or nothing for fp32."""
+        if self.dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device_type, dtype=self.dtype)
+
+
+def resolve_precision(choice: str, device: torch.device) -> Precision:
+    """The precision ``train.precision`` (``auto | fp32 | bf16 | fp16``) means on ``device``.
 
     ``auto`` means bf16 on CUDA devices that support it, fp16 (with a gradient
     scaler) on older GPUs, and fp32 on the CPU.
     """
-    choice = train.precision
     if choice == "auto":
         if device.type != "cuda":
-            return None
+            return Precision(device.type)
         choice = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
     if choice == "fp16" and device.type != "cuda":
         raise ConfigError("train.precision: fp16 needs a CUDA device; use fp32 or bf16 on the CPU.")
-    return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[choice]
+    dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[choice]
+    return Precision(device.type, dtype)
 
 
 def resolve_model_config(config: ExperimentConfig, vocab_size: int, pad_id: int) -> ModelConfig:

@@ -12,8 +12,12 @@ Plugins come from three places, all through the same hook
 3. modules an experiment names under ``plugins:`` (a dotted module path or a
    ``.py`` file).
 
-A :class:`Registry` is an ordinary object: build one with
-:meth:`Registry.default` (there is no global registry).
+A :class:`Registry` is an ordinary object (there is no global registry): a
+command builds one with :meth:`Registry.default`, once, and passes it down to
+everything that builds or loads a model. :meth:`Registry.resolve` is the one
+step that validates ``model.att_type`` and ``model.att_options``; the
+:class:`ropelm.attention.ResolvedAttention` it returns is what
+:class:`ropelm.TransformerLM` is built from.
 """
 
 from __future__ import annotations
@@ -31,7 +35,8 @@ from types import ModuleType
 import pluggy
 
 from ropelm import hookspecs
-from ropelm.attention import AttentionSpec
+from ropelm.attention import AttentionSpec, ResolvedAttention
+from ropelm.config import ModelConfig
 from ropelm.errors import PluginError, UnknownAttentionError, did_you_mean
 
 ENTRY_POINT_GROUP = "ropelm"
@@ -164,6 +169,18 @@ class Registry:
                 f"Unknown attention type '{name}'{did_you_mean(name, names)}; "
                 f"registered types are {', '.join(names)}."
             ) from None
+
+    def resolve(self, model: ModelConfig) -> ResolvedAttention:
+        """Validate ``model.att_type`` and ``model.att_options``: the variant, parsed.
+
+        Raises:
+            UnknownAttentionError: no variant of that name (the closest is suggested).
+            ConfigError: a bad option, or a model shape the variant rejects.
+        """
+        variant = self.variant(model.att_type)
+        return ResolvedAttention.resolve(
+            variant.spec, model, source=variant.source, version=variant.version
+        )
 
     def names(self) -> list[str]:
         return sorted(self._variants)

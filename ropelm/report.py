@@ -33,8 +33,9 @@ import yaml
 from tabulate import tabulate
 
 from ropelm.errors import ConfigError
-from ropelm.evaluate import METHODS
+from ropelm.perplexity import METHODS
 from ropelm.runs import RunDir
+from ropelm.variants import VariantChoice
 
 FORMATS = ("github", "latex", "csv")
 NOT_RUN = "–"  # a length a run was not evaluated at (n/a: evaluated, could not run)
@@ -79,13 +80,14 @@ class RunRecord:
     evals: dict[str, dict[str, Any]] = field(default_factory=dict)  # eval label -> eval JSON
 
     @property
+    def choice(self) -> VariantChoice:
+        """The variant the run trained: its att_type and att_options."""
+        return VariantChoice.of(self.summary["att_type"], self.summary.get("att_options"))
+
+    @property
     def label(self) -> str:
         """Variant label: ``RoPE-Sliding:window=32`` (att_type plus its att_options)."""
-        return variant_label(self.summary["att_type"], self.summary.get("att_options") or {})
-
-
-def variant_label(att_type: str, options: dict[str, Any]) -> str:
-    return ":".join([att_type, *(f"{k}={v}" for k, v in options.items())])
+        return self.choice.label
 
 
 def find_runs(paths: Iterable[str | Path]) -> list[Path]:
@@ -227,12 +229,15 @@ def _latex_escape(text: str) -> str:
     return text
 
 
-def _bench_lookup(benches: Sequence[dict[str, Any]]) -> dict[tuple[str, int], dict[str, Any]]:
-    """(variant label, T) -> the bench result (the first device listed wins)."""
-    table: dict[tuple[str, int], dict[str, Any]] = {}
+def _bench_lookup(
+    benches: Sequence[dict[str, Any]],
+) -> dict[tuple[VariantChoice, int], dict[str, Any]]:
+    """(variant, T) -> the bench result (the first device listed wins)."""
+    table: dict[tuple[VariantChoice, int], dict[str, Any]] = {}
     for bench in benches:
         for row in bench.get("results", []):
-            table.setdefault((row["variant"], int(row["T"])), row)
+            choice = VariantChoice.of(row["att_type"], row.get("att_options"))
+            table.setdefault((choice, int(row["T"])), row)
     return table
 
 
@@ -270,7 +275,7 @@ def summary_table(
             Stat.of(r.summary.get("train_tokens_per_s") for r in runs),
         ]
         if lookup:
-            bench = lookup.get((label, bench_length)) or {}
+            bench = lookup.get((runs[0].choice, bench_length)) or {}
             row.append(Stat.of([bench.get("fwd_bwd_tokens_per_s")]))
             row.append(Stat.of([bench.get("fwd_bwd_peak_mb")]))
         rows.append(row)

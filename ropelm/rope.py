@@ -47,6 +47,8 @@ from typing import Any, Literal
 
 import torch
 
+from ropelm.tables import PositionTables, table_dtype
+
 ScalingKind = Literal["none", "linear", "ntk", "yarn"]
 
 
@@ -218,7 +220,7 @@ class _Rotate(torch.autograd.Function):
 
 
 class RopeTables:
-    """Lazily built RoPE tables per (device, dtype), grown on demand.
+    """RoPE tables per (device, dtype), grown on demand (see :class:`ropelm.tables.PositionTables`).
 
     Kept outside the module's buffers on purpose: ``Module.to(torch.bfloat16)``
     must not cast them, and they are derived state that has no place in a
@@ -236,25 +238,27 @@ class RopeTables:
         self.base = base
         self.position_scale = position_scale
         self.scaling = scaling
-        self._tables: dict[tuple[torch.device, torch.dtype], tuple[torch.Tensor, torch.Tensor]] = {}
+        self._tables = PositionTables(self._make)
+
+    def _make(
+        self, length: int, device: torch.device, dtype: torch.dtype
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        return build_rope_cache(
+            length,
+            self.head_dim,
+            self.base,
+            dtype=dtype,
+            device=device,
+            position_scale=self.position_scale,
+            scaling=self.scaling,
+        )
 
     def get(
         self, start: int, end: int, device: torch.device, x_dtype: torch.dtype
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Tables for positions start..end-1, float64 for float64 inputs, else float32."""
-        dtype = torch.float64 if x_dtype == torch.float64 else torch.float32
-        key = (device, dtype)
-        cos, sin = self._tables.get(key, (None, None))
-        if cos is None or cos.size(0) < end:
-            length = max(end, 2 * cos.size(0) if cos is not None else end)
-            cos, sin = build_rope_cache(
-                length,
-                self.head_dim,
-                self.base,
-                dtype=dtype,
-                device=device,
-                position_scale=self.position_scale,
-                scaling=self.scaling,
-            )
-            self._tables[key] = (cos, sin)
-        return cos[start:end], sin[start:end]
+        """Tables (cos, sin) for positions start..end-1, each (end - start, hs/2).
+
+        float64 for float64 inputs, else float32 (:func:`ropelm.tables.table_dtype`).
+        """
+        cos, sin = self._tables.get(start, end, device, table_dtype(x_dtype))
+        return cos, sin

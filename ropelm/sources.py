@@ -149,6 +149,13 @@ class DocumentSource:
             if cap is not None and count >= cap:
                 return
 
+    def by_split(self) -> Iterator[tuple[str, str]]:
+        """``(split, text)`` for every document, in source order: the one place that routes
+        documents to the training or validation split (:func:`split_of`)."""
+        d = self.data
+        for text in self:
+            yield split_of(text, d.split_seed, d.val_fraction), text
+
     def _raw(self) -> Iterator[Any]:
         if self.data.source == "wiki-sample":
             yield from self._wiki_sample()
@@ -308,6 +315,6 @@ def split_documents(data: DataConfig, split: str) -> Iterator[str]:
     """The documents of one split (``"train"`` or ``"val"``) of ``data``, in source order."""
     if split not in SPLITS:
         raise ValueError(f"split must be one of {SPLITS}, not {split!r}")
-    for text in DocumentSource(data):
-        if split_of(text, data.split_seed, data.val_fraction) == split:
+    for document_split, text in DocumentSource(data).by_split():
+        if document_split == split:
             yield text

@@ -17,10 +17,11 @@ run with checkpoints but no summary (interrupted) is resumed from its last
 checkpoint; so an interrupted sweep continues where it stopped. Evaluation is
 skipped when the run's ``eval.json`` already holds the requested lengths.
 
-Variants are written ``NAME[:KEY=VALUE[:KEY=VALUE...]]``, e.g.
-``RoPE-Sliding:window=32``; the options replace the YAML's ``att_options``
+Variants are written ``NAME[:KEY=VALUE[:KEY=VALUE...]]`` (:mod:`ropelm.variants`),
+e.g. ``RoPE-Sliding:window=32``; the options replace the YAML's ``att_options``
 (which are kept only for the variant the YAML itself names, when no options
-are given).
+are given). Every run is resolved against the one registry of the experiment's
+plugins before the first one trains.
 """
 
 from __future__ import annotations
@@ -31,72 +32,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from ropelm.atomic import atomic_write_json, atomic_write_text
-from ropelm.config import ExperimentConfig, apply_overrides, read_yaml, validate
 from ropelm.errors import ConfigError, RopelmError
-from ropelm.evaluate import split_specs
+from ropelm.experiment import Experiment
+from ropelm.perplexity import split_specs
 from ropelm.runs import RunDir
+from ropelm.variants import VariantChoice
 
 SWEEP_FILE = "sweep.json"
 
 
 class SweepError(RopelmError):
     """Some runs of a sweep failed; the others finished and were compared."""
-
-
-@dataclass(frozen=True)
-class VariantChoice:
-    """One entry of ``--variants``: an attention type and its options."""
-
-    name: str
-    options: tuple[tuple[str, Any], ...] = ()
-
-    @property
-    def options_dict(self) -> dict[str, Any]:
-        return dict(self.options)
-
-    @property
-    def label(self) -> str:
-        """``RoPE-Sliding:window=32`` (as written on the command line)."""
-        return ":".join([self.name, *(f"{k}={v}" for k, v in self.options)])
-
-    @property
-    def dir_label(self) -> str:
-        """``RoPE-Sliding_window32``: the label made safe for a directory name."""
-        parts = [self.name, *(f"{k}{v}" for k, v in self.options)]
-        return "_".join(p.replace("/", "-").replace(" ", "") for p in parts)
-
-
-def parse_variants(items: Iterable[str]) -> list[VariantChoice]:
-    """``["RoPE-SM,ALiBi", "RoPE-Sliding:window=32"]`` -> three :class:`VariantChoice`.
-
-    Raises:
-        ConfigError: an empty name, an option not written KEY=VALUE, or a duplicate.
-    """
-    choices: list[VariantChoice] = []
-    names = [part.strip() for item in items for part in str(item).split(",")]
-    for item in filter(None, names):
-        name, *raw_options = item.split(":")
-        if not name.strip():
-            raise ConfigError(f"--variants '{item}': the variant name is missing.")
-        options = []
-        for raw in raw_options:
-            key, sep, value = raw.partition("=")
-            if not sep or not key.strip():
-                raise ConfigError(
-                    f"--variants '{item}': write options as NAME:KEY=VALUE, "
-                    "e.g. 'RoPE-Sliding:window=32'."
-                )
-            options.append((key.strip(), yaml.safe_load(value) if value.strip() else None))
-        choice = VariantChoice(name.strip(), tuple(options))
-        if any(c.label == choice.label for c in choices):
-            raise ConfigError(f"--variants names '{choice.label}' twice; list it once.")
-        choices.append(choice)
-    if not choices:
-        raise ConfigError("--variants is empty; name at least one attention variant.")
-    return choices
 
 
 def parse_seeds(items: Iterable[str]) -> list[int]:
@@ -120,7 +67,7 @@ class PlannedRun:
 
     variant: VariantChoice
     seed: int
-    config: ExperimentConfig
+    experiment: Experiment
     dir: Path
     status: str = "pending"  # trained | resumed | skipped | failed
     error: str | None = None
@@ -140,39 +87,37 @@ class PlannedRun:
         }
 
 
-def default_sweep_dir(raw: dict[str, Any]) -> Path:
-    return Path("runs") / f"{raw.get('name', 'experiment')}-sweep"
+def default_sweep_dir(base: Experiment) -> Path:
+    return Path("runs") / f"{base.config.name}-sweep"
 
 
 def plan_sweep(
-    experiment: str | Path,
+    base: Experiment,
     variants: Sequence[VariantChoice],
     seeds: Sequence[int],
     *,
-    overrides: Iterable[str] = (),
     out: str | Path | None = None,
 ) -> tuple[Path, list[PlannedRun]]:
-    """Validate every (variant, seed) config before anything runs; return the sweep dir and runs.
+    """Resolve every (variant, seed) of ``base`` before anything runs; the sweep dir and runs.
+
+    A variant's options replace the experiment's ``att_options``, which are kept
+    only for the variant the experiment itself names, when no options are given.
 
     Raises:
-        ropelm.RopelmError: an unknown variant, bad options or a bad experiment, naming it.
+        ropelm.RopelmError: an unknown variant or bad options, naming it.
     """
-    experiment = Path(experiment)
-    base = apply_overrides(read_yaml(experiment), overrides)
     sweep_dir = Path(out) if out is not None else default_sweep_dir(base)
-    yaml_model = dict(base.get("model") or {})
+    yaml_model = base.config.model
     runs = []
     for seed in seeds:
         for variant in variants:
-            raw = {**base, "model": dict(yaml_model), "train": dict(base.get("train") or {})}
-            same_type = yaml_model.get("att_type", "RoPE-SM") == variant.name
-            if variant.options or not same_type:
-                raw["model"]["att_options"] = variant.options_dict
-            raw["model"]["att_type"] = variant.name
-            raw["train"]["seed"] = seed
-            config = validate(raw, base_dir=experiment.parent)
+            keep_yaml_options = yaml_model.att_type == variant.name and not variant.options
+            options = yaml_model.att_options if keep_yaml_options else variant.options_dict
+            model = yaml_model.model_copy(update={"att_type": variant.name, "att_options": options})
+            train = base.config.train.model_copy(update={"seed": seed})
+            config = base.config.model_copy(update={"model": model, "train": train})
             run_dir = sweep_dir / f"{variant.dir_label}-seed{seed}"
-            runs.append(PlannedRun(variant, seed, config, run_dir))
+            runs.append(PlannedRun(variant, seed, base.with_config(config), run_dir))
     return sweep_dir, runs
 
 
@@ -185,7 +130,7 @@ def _prepare_run_dir(run: PlannedRun) -> bool:
     run_dir = RunDir(run.dir)
     if not run_dir.config_path.is_file():
         return False
-    run_dir.claim(run.config, resume=True)  # raises if it holds another experiment
+    run_dir.claim(run.experiment.config, resume=True)  # raises if it holds another experiment
     if (run_dir.checkpoints / "last.json").is_file():
         return True
     leftovers = {p.name for p in run.dir.iterdir()}
@@ -201,7 +146,7 @@ def _prepare_run_dir(run: PlannedRun) -> bool:
 def _has_eval(
     run: PlannedRun, lengths: list[str], max_windows: int | None, max_tokens: int | None
 ) -> bool:
-    from ropelm.extrapolation import EVAL_FILE, read_eval
+    from ropelm.eval_run import EVAL_FILE, read_eval
 
     path = run.dir / EVAL_FILE
     if not path.is_file():
@@ -215,11 +160,10 @@ def _has_eval(
 
 
 def run_sweep(
-    experiment: str | Path,
+    base: Experiment,
     variants: Sequence[VariantChoice],
     seeds: Sequence[int],
     *,
-    overrides: Iterable[str] = (),
     out: str | Path | None = None,
     lengths: Iterable[str] | None = None,
     max_windows: int | None = None,
@@ -227,27 +171,28 @@ def run_sweep(
     evaluate: bool = True,
     progress: bool = True,
     log: Callable[[str], None] = print,
+    origin: dict[str, Any] | None = None,
 ) -> tuple[Path, list[PlannedRun]]:
     """Train (or skip, or resume) and evaluate every run, then write the comparison.
 
     Returns the sweep directory and the runs with their status. Runs go
-    seed by seed, so the first seed of every variant is done early.
+    seed by seed, so the first seed of every variant is done early. ``origin``
+    (the experiment file and overrides) is recorded in ``sweep.json``.
 
     Raises:
         SweepError: after all runs, when some failed (the message names them).
     """
-    from ropelm.extrapolation import evaluate_run
+    from ropelm.eval_run import evaluate_run
     from ropelm.pipeline import run_experiment
 
-    sweep_dir, runs = plan_sweep(experiment, variants, seeds, overrides=overrides, out=out)
+    sweep_dir, runs = plan_sweep(base, variants, seeds, out=out)
     sweep_dir.mkdir(parents=True, exist_ok=True)
 
     def save_manifest() -> None:
         atomic_write_json(
             sweep_dir / SWEEP_FILE,
             {
-                "experiment": str(experiment),
-                "overrides": list(overrides),
+                **(origin or {}),
                 "variants": [v.label for v in variants],
                 "seeds": list(seeds),
                 "lengths": eval_lengths,
@@ -259,7 +204,7 @@ def run_sweep(
 
     eval_lengths: list[str] = []
     for number, run in enumerate(runs, 1):
-        eval_lengths = split_specs(list(lengths) if lengths else run.config.eval.lengths)
+        eval_lengths = split_specs(list(lengths) if lengths else run.experiment.config.eval.lengths)
         where = f"[{number}/{len(runs)}] {run.variant.label} seed {run.seed}"
         try:
             if (run.dir / "summary.json").is_file():
@@ -269,7 +214,7 @@ def run_sweep(
             else:
                 resume = _prepare_run_dir(run)
                 log(f"{where}: {'resuming' if resume else 'training'} in {run.dir}")
-                run_experiment(run.config, out_dir=run.dir, resume=resume, progress=progress)
+                run_experiment(run.experiment, out_dir=run.dir, resume=resume, progress=progress)
                 run.status = "resumed" if resume else "trained"
         except RopelmError as err:
             run.status, run.error = "failed", str(err)
@@ -282,7 +227,7 @@ def run_sweep(
             else:
                 try:
                     evaluate_run(
-                        run.dir, lengths=eval_lengths, max_windows=max_windows,
+                        run.dir, base.registry, lengths=eval_lengths, max_windows=max_windows,
                         max_tokens=max_tokens,
                     )  # fmt: skip
                     run.evaluated = "yes"

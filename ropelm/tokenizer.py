@@ -9,7 +9,7 @@ special tokens, ``<|endoftext|>`` (id 0, between documents) and ``<|pad|>``
 no special tokens of its own.
 
 It is trained from a stream of the *training* split only (see
-:func:`ropelm.sources.split_of`), optionally capped by
+:func:`ropelm.sources.split_documents`), optionally capped by
 ``tokenizer.max_documents`` / ``tokenizer.max_characters``, with
 ``model.vocab_size`` tokens at most. The result is cached at
 ``{data.cache_dir}/tokenizer-{hash}/tokenizer.json``, where the hash covers
@@ -20,9 +20,6 @@ settings reuses it.
 
 from __future__ import annotations
 
-import contextlib
-import hashlib
-import json
 import logging
 import time
 from collections.abc import Iterator
@@ -34,9 +31,10 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from tqdm.auto import tqdm
 
 from ropelm.atomic import atomic_path, atomic_write_json, file_sha256
+from ropelm.cache import cache_lock, content_hash
 from ropelm.config import ExperimentConfig
 from ropelm.errors import ConfigError, DataError
-from ropelm.sources import DocumentSource, split_of
+from ropelm.sources import DocumentSource, split_documents
 
 log = logging.getLogger(__name__)
 
@@ -58,35 +56,6 @@ class TokenizerInfo:
     vocab_size: int  # tokenizer.get_vocab_size()
     eot_id: int  # end-of-text token id ("<|endoftext|>")
     pad_id: int  # padding token id ("<|pad|>")
-
-
-def content_hash(obj: Any, length: int = 16) -> str:
-    """A short, stable hash of a JSON-serialisable object (for cache directory names)."""
-    text = json.dumps(obj, sort_keys=True, separators=(",", ":"), default=str)
-    return hashlib.sha256(text.encode("utf-8")).hexdigest()[:length]
-
-
-@contextlib.contextmanager
-def cache_lock(directory: Path) -> Iterator[None]:
-    """Hold an exclusive lock on a cache directory (created if needed) while writing it.
-
-    A second process that wants to write the same cache entry (e.g. every rank
-    under torchrun) waits here, then finds the finished result. The lock is
-    ``DIRECTORY/.lock`` with ``fcntl.flock``, released when the process exits
-    for whatever reason; where ``fcntl`` is missing, nothing is locked.
-    """
-    directory.mkdir(parents=True, exist_ok=True)
-    try:
-        import fcntl
-    except ImportError:  # pragma: no cover - not POSIX
-        yield
-        return
-    with open(directory / ".lock", "a+b") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def check_vocab_size(vocab_size: int) -> None:
@@ -138,14 +107,12 @@ def training_batches(
     ``stats`` is updated in place with the ``documents`` and ``characters`` used.
     A document that crosses ``tokenizer.max_characters`` is cut to fit.
     """
-    d, t = config.data, config.tokenizer
+    t = config.tokenizer
     stats.update(documents=0, characters=0)
     batch: list[str] = []
     bar = tqdm(desc="tokenizer: reading", unit=" docs", disable=not progress, total=t.max_documents)
     with bar:
-        for text in DocumentSource(d):
-            if split_of(text, d.split_seed, d.val_fraction) != "train":
-                continue
+        for text in split_documents(config.data, "train"):
             if t.max_characters is not None:
                 text = text[: t.max_characters - stats["characters"]]
             batch.append(text)

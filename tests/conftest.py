@@ -31,11 +31,20 @@ from pathlib import Path
 import pytest
 import torch
 
+from ropelm import Registry
+
 DEMO_PLUGIN_SOURCE = Path(__file__).parent / "fixtures" / "ropelm_demo_plugin"
 
 
 def pytest_configure(config: pytest.Config) -> None:
     torch.set_num_threads(int(os.environ.get("ROPELM_TEST_THREADS", "1")))
+
+
+@pytest.fixture(scope="session")
+def registry() -> Registry:
+    """The default registry (built-in variants and installed entry points), built once,
+    as a command builds it once and passes it down."""
+    return Registry.default()
 
 
 @dataclass(frozen=True)

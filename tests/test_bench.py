@@ -17,7 +17,7 @@ from ropelm.bench import (
 )
 from ropelm.cli import main
 from ropelm.model import ModelConfig, TransformerLM
-from ropelm.sweep import VariantChoice
+from ropelm.variants import VariantChoice
 
 TINY = ModelConfig(n_layer=2, n_head=2, n_embd=32, vocab_size=100, block_size=64)
 
@@ -30,9 +30,9 @@ def test_matmul_params_by_hand():
         2 * C + (3 * C * C + 3 * C) + (C * C + C) + 2 * C + (4 * C * C + 4 * C) + (4 * C * C + C)
     )
     expected = 2 * block + 2 * C + (C * V + V)
-    model = TransformerLM(TINY.model_copy(update={"att_type": "RoPE-SM"}))
+    model = TransformerLM.from_config(TINY.model_copy(update={"att_type": "RoPE-SM"}))
     assert matmul_params(model) == expected == model.num_parameters() - V * C  # minus tok_emb
-    ape = TransformerLM(TINY.model_copy(update={"att_type": "Learned-APE"}))
+    ape = TransformerLM.from_config(TINY.model_copy(update={"att_type": "Learned-APE"}))
     assert matmul_params(ape) == expected  # the position table is a lookup too
 
 
@@ -72,10 +72,10 @@ def test_cpu_peak_memory_counts_live_allocations_of_the_step():
     assert 2 * 2**20 <= peak < 2.2 * 2**20
 
 
-def test_bench_rows_ratios_memory_and_mfu():
+def test_bench_rows_ratios_memory_and_mfu(registry):
     variants = [VariantChoice("RoPE-SM"), VariantChoice("NoPE"), VariantChoice("Learned-APE")]
     bench = bench_variants(
-        variants, [32, 16], model=TINY, batch_size=2, rounds=2, warmup=1, peak_tflops=1.0,
+        variants, [32, 16], registry, model=TINY, batch_size=2, rounds=2, warmup=1, peak_tflops=1.0,
         log=lambda m: None,
     )  # fmt: skip
     assert bench["reference"] == "RoPE-SM" and bench["model"]["block_size"] == 32
@@ -88,7 +88,8 @@ def test_bench_rows_ratios_memory_and_mfu():
         tokens = 2 * row["T"]
         assert row["fwd_bwd_tokens_per_s"] == pytest.approx(tokens / row["fwd_bwd_ms"] * 1e3)
         assert row["fwd_bwd_peak_mb"] > row["fwd_peak_mb"] > 0  # backward keeps activations
-        model = TransformerLM(TINY.model_copy(update={"att_type": row["att_type"]}))
+        model_config = TINY.model_copy(update={"att_type": row["att_type"]})
+        model = TransformerLM.from_config(model_config, registry)
         flops = flops_per_token(TINY, matmul_params(model), row["T"], backward=True)
         assert row["flops_per_token_fwd_bwd"] == flops
         assert row["mfu"] == pytest.approx(row["fwd_bwd_tokens_per_s"] * flops / 1e12)
@@ -96,10 +97,10 @@ def test_bench_rows_ratios_memory_and_mfu():
     assert all(r["fwd_bwd_ratio_vs_ref"] == 1.0 == r["fwd_ratio_vs_ref"] for r in reference)
 
 
-def test_variant_that_cannot_be_built_is_na():
+def test_variant_that_cannot_be_built_is_na(registry):
     odd = TINY.model_copy(update={"n_embd": 30})  # head size 15: RoPE needs an even one
     bench = bench_variants(
-        [VariantChoice("RoPE-SM"), VariantChoice("NoPE")], [16], model=odd, rounds=1,
+        [VariantChoice("RoPE-SM"), VariantChoice("NoPE")], [16], registry, model=odd, rounds=1,
         warmup=0, memory=False, log=lambda m: None,
     )  # fmt: skip
     rope, nope = bench["results"]

@@ -6,7 +6,7 @@ import textwrap
 import pytest
 import torch
 
-from ropelm import CheckpointError, ModelConfig, TransformerLM
+from ropelm import CheckpointError, ModelConfig, Registry, TransformerLM
 from ropelm.checkpoint import (
     load_model,
     load_trainer_state,
@@ -34,9 +34,9 @@ def _save(root, model, step, val_loss, pointers=("last",)):
 
 def test_saved_model_reloads_with_identical_outputs(tmp_path):
     torch.manual_seed(0)
-    model = TransformerLM(CONFIG).eval()
+    model = TransformerLM.from_config(CONFIG).eval()
     _save(tmp_path / "checkpoints", model, step=3, val_loss=1.5, pointers=("last", "best"))
-    reloaded = load_model(tmp_path)
+    reloaded = load_model(tmp_path, Registry.default())
     idx = torch.randint(0, 40, (2, 10))
     torch.testing.assert_close(reloaded(idx)[0], model(idx)[0], rtol=0, atol=0)
     assert not reloaded.training
@@ -46,7 +46,7 @@ def test_saved_model_reloads_with_identical_outputs(tmp_path):
 
 def test_pointers_keep_best_and_last_and_old_checkpoints_are_removed(tmp_path):
     root = tmp_path / "checkpoints"
-    model = TransformerLM(CONFIG)
+    model = TransformerLM.from_config(CONFIG)
     _save(root, model, 1, 2.0, ("last", "best"))
     _save(root, model, 2, 3.0, ("last",))
     _save(root, model, 3, 4.0, ("last",))
@@ -59,19 +59,19 @@ def test_pointers_keep_best_and_last_and_old_checkpoints_are_removed(tmp_path):
 
 
 def test_corrupt_weights_are_detected_with_one_sentence(tmp_path):
-    model = TransformerLM(CONFIG)
+    model = TransformerLM.from_config(CONFIG)
     ckpt = _save(tmp_path / "checkpoints", model, 1, 1.0, ("best",))
     weights = ckpt.dir / "model.safetensors"
     data = bytearray(weights.read_bytes())
     data[-5] ^= 0xFF
     weights.write_bytes(bytes(data))
     with pytest.raises(CheckpointError, match=r"corrupt: model\.safetensors does not match"):
-        load_model(tmp_path)
+        load_model(tmp_path, Registry.default())
 
 
 def test_incomplete_checkpoint_and_missing_run_are_clear_errors(tmp_path):
     with pytest.raises(CheckpointError, match="No 'best' checkpoint"):
-        load_model(tmp_path)
+        load_model(tmp_path, Registry.default())
     half = tmp_path / "step-00000009"
     half.mkdir()
     (half / "model.safetensors").write_bytes(b"partial")
@@ -80,12 +80,12 @@ def test_incomplete_checkpoint_and_missing_run_are_clear_errors(tmp_path):
 
 
 def test_mismatched_checkpoint_names_the_mismatch(tmp_path):
-    ckpt = _save(tmp_path / "checkpoints", TransformerLM(CONFIG), 1, 1.0, ("best",))
+    ckpt = _save(tmp_path / "checkpoints", TransformerLM.from_config(CONFIG), 1, 1.0, ("best",))
     blob = json.loads((ckpt.dir / "model_config.json").read_text())
     blob["model"]["n_embd"] = 32
     (ckpt.dir / "model_config.json").write_text(json.dumps(blob))
     with pytest.raises(CheckpointError, match="does not match the model"):
-        load_model(ckpt.dir, verify=False)
+        load_model(ckpt.dir, Registry.default(), verify=False)
 
 
 def test_failed_write_keeps_the_previous_checkpoint(tmp_path):
@@ -96,7 +96,7 @@ def test_failed_write_keeps_the_previous_checkpoint(tmp_path):
         from ropelm import ModelConfig, TransformerLM, CheckpointError
         from ropelm.checkpoint import save_checkpoint
         config = ModelConfig(**{CONFIG.model_dump()!r})
-        model = TransformerLM(config)
+        model = TransformerLM.from_config(config)
         root = __import__("pathlib").Path({str(tmp_path)!r}) / "checkpoints"
         kw = dict(model=model, model_config=config, plugins=[], trainer_state={{}},
                   tokenizer_path=None, pointers=("last", "best"))

@@ -16,9 +16,9 @@ import yaml
 from safetensors.torch import load_file
 
 from ropelm.checkpoint import load_model, resolve_checkpoint
-from ropelm.config import load_experiment
 from ropelm.engine import TrainingError
 from ropelm.errors import ConfigError, DataError
+from ropelm.experiment import Experiment
 from ropelm.pipeline import run_experiment
 from ropelm.runs import RunDir
 
@@ -65,7 +65,7 @@ def cache_dir(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def finished_run(tmp_path_factory, cache_dir) -> tuple[Path, dict]:
     root = tmp_path_factory.mktemp("run")
-    config = load_experiment(write_yaml(root / "tiny.yaml", tiny_experiment(cache_dir)))
+    config = Experiment.load(write_yaml(root / "tiny.yaml", tiny_experiment(cache_dir)))
     summary = run_experiment(config, out_dir=root / "run", progress=False)
     return root / "run", summary
 
@@ -92,19 +92,19 @@ def test_run_writes_summary_metrics_and_checkpoints(finished_run):
     }  # fmt: skip
 
 
-def test_best_checkpoint_reproduces_the_reported_validation_loss(finished_run):
+def test_best_checkpoint_reproduces_the_reported_validation_loss(finished_run, registry):
     run_dir, summary = finished_run
-    model = load_model(run_dir)
+    model = load_model(run_dir, registry)
     assert model.config.pad_token_id is not None
     assert model.num_parameters() == summary["n_params"]
 
 
 def test_rerunning_into_the_same_directory_is_refused(finished_run, cache_dir, tmp_path):
     run_dir, _ = finished_run
-    same = load_experiment(write_yaml(tmp_path / "a.yaml", tiny_experiment(cache_dir)))
+    same = Experiment.load(write_yaml(tmp_path / "a.yaml", tiny_experiment(cache_dir)))
     with pytest.raises(ConfigError, match="already holds a run of this experiment"):
         run_experiment(same, out_dir=run_dir, progress=False)
-    other = load_experiment(
+    other = Experiment.load(
         write_yaml(tmp_path / "b.yaml", tiny_experiment(cache_dir, batch_size=8))
     )
     with pytest.raises(ConfigError, match=r"different experiment \(train\.batch_size"):
@@ -159,7 +159,7 @@ def test_resume_after_sigkill_matches_an_uninterrupted_run_bitwise(tmp_path, cac
 NAN_PLUGIN = '''
 import torch
 import ropelm
-from ropelm.plugins.rope_sm import RoPEAttention
+from ropelm.plugins.rope_sm import RoPEAttention, RoPEOptions
 
 
 class NaNAfterTenCalls(RoPEAttention):
@@ -175,7 +175,7 @@ class NaNAfterTenCalls(RoPEAttention):
 def ropelm_register_attention(register):
     register(ropelm.AttentionSpec(
         name="NaN-After-10", description="test", reference="",
-        factory=lambda config, options: NaNAfterTenCalls(config),
+        factory=lambda config, options: NaNAfterTenCalls(config, RoPEOptions()),
     ))
 '''
 
@@ -185,7 +185,7 @@ def test_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path, cac
     raw = tiny_experiment(cache_dir, max_steps=30, eval_every=5)
     raw["plugins"] = ["nan_plugin.py"]
     raw["model"]["att_type"] = "NaN-After-10"
-    config = load_experiment(write_yaml(tmp_path / "nan.yaml", raw))
+    config = Experiment.load(write_yaml(tmp_path / "nan.yaml", raw))
     with pytest.raises(TrainingError, match=r"became nan at step 11; stopped without saving"):
         run_experiment(config, out_dir=tmp_path / "run", progress=False)
     last = resolve_checkpoint(tmp_path / "run", "last")
@@ -218,7 +218,7 @@ def test_ctrl_c_saves_a_resumable_checkpoint(tmp_path, cache_dir):
 def test_block_size_beyond_the_data_fails_before_training(tmp_path, cache_dir):
     raw = tiny_experiment(cache_dir)
     raw["model"]["block_size"] = 200_000
-    config = load_experiment(write_yaml(tmp_path / "big.yaml", raw))
+    config = Experiment.load(write_yaml(tmp_path / "big.yaml", raw))
     with pytest.raises(DataError, match=r"split has \d+ tokens, fewer than one window"):
         run_experiment(config, out_dir=tmp_path / "run", progress=False)
     assert not (tmp_path / "run" / "checkpoints").exists()
@@ -230,7 +230,7 @@ def test_compiled_training_matches_eager(tmp_path, cache_dir):
     for compile_ in (False, True):
         raw = tiny_experiment(cache_dir, max_steps=4, log_every=1, eval_every=4, compile=compile_)
         raw["model"].update(n_layer=1, dropout=0.0)
-        config = load_experiment(write_yaml(tmp_path / f"c{compile_}.yaml", raw))
+        config = Experiment.load(write_yaml(tmp_path / f"c{compile_}.yaml", raw))
         run_experiment(config, out_dir=tmp_path / f"run-{compile_}", progress=False)
         rows = (tmp_path / f"run-{compile_}" / "metrics.jsonl").read_text().splitlines()
         losses[compile_] = [json.loads(r)["train_loss"] for r in rows if "train_loss" in r]
@@ -241,8 +241,8 @@ def test_compiled_training_matches_eager(tmp_path, cache_dir):
 
 
 def test_resuming_a_run_without_checkpoint_says_to_restart(tmp_path, cache_dir):
-    config = load_experiment(write_yaml(tmp_path / "exp.yaml", tiny_experiment(cache_dir)))
+    config = Experiment.load(write_yaml(tmp_path / "exp.yaml", tiny_experiment(cache_dir)))
     run_dir = tmp_path / "run"
-    RunDir(run_dir).claim(config, resume=False)  # as a run killed before its first checkpoint
+    RunDir(run_dir).claim(config.config, resume=False)  # a run killed before its first checkpoint
     with pytest.raises(TrainingError, match="stopped before its first checkpoint"):
         run_experiment(config, out_dir=run_dir, resume=True, progress=False)

@@ -24,8 +24,8 @@ from click.testing import CliRunner
 
 from ropelm import ModelConfig, Registry
 from ropelm.cli import main
-from ropelm.config import load_experiment
 from ropelm.errors import ConfigError
+from ropelm.experiment import Experiment
 from ropelm.pipeline import run_experiment
 from ropelm.testing import run_all
 
@@ -76,7 +76,7 @@ def test_yaml_plugin_registers_passes_conformance_and_trains(tmp_path):
     assert [r.outcome for r in results] == ["passed"] * len(results)
 
     experiment = tiny_experiment(tmp_path, [str(EXAMPLE)])
-    summary = run_experiment(load_experiment(experiment), out_dir=tmp_path / "run", progress=False)
+    summary = run_experiment(Experiment.load(experiment), out_dir=tmp_path / "run", progress=False)
     assert summary["att_type"] == "xPos" and summary["att_options"] == {"scale_base": 64}
     assert summary["best_val_loss"] < 7.0  # trained (log 512 = 6.24 is the uniform guess)
 
@@ -84,12 +84,12 @@ def test_yaml_plugin_registers_passes_conformance_and_trains(tmp_path):
 def test_yaml_relative_plugin_path_and_bad_option(tmp_path, assert_one_sentence):
     shutil.copy(EXAMPLE, tmp_path / "my_attention.py")
     experiment = tiny_experiment(tmp_path, ["my_attention.py"])  # next to the YAML
-    assert load_experiment(experiment).model.att_type == "xPos"
+    assert Experiment.load(experiment).attention.name == "xPos"
     with pytest.raises(ConfigError) as info:
-        load_experiment(experiment, ["model.att_options.scale_bse=3"])
+        Experiment.load(experiment, ["model.att_options.scale_bse=3"])
     assert "did you mean 'scale_base'" in str(info.value)
     with pytest.raises(ConfigError, match="scale_base must be > 0"):
-        load_experiment(experiment, ["model.att_options.scale_base=0"])
+        Experiment.load(experiment, ["model.att_options.scale_base=0"])
     result = CliRunner().invoke(main, ["plugins", "--plugin", str(tmp_path / "my_attention.py")])
     assert result.exit_code == 0 and "xPos" in result.output
 
@@ -125,7 +125,7 @@ def test_entry_point_plugin_registers_passes_conformance_and_trains(installed, t
     assert all(r.outcome == "passed" for r in results), results
 
     experiment = tiny_experiment(tmp_path, [])  # no plugins: the entry point is enough
-    summary = run_experiment(load_experiment(experiment), out_dir=tmp_path / "run", progress=False)
+    summary = run_experiment(Experiment.load(experiment), out_dir=tmp_path / "run", progress=False)
     assert summary["att_type"] == "xPos"
     assert summary["versions"]["plugin"]["source"] == variant.source
     env = json.loads((tmp_path / "run" / "environment.json").read_text())
@@ -135,10 +135,16 @@ def test_entry_point_plugin_registers_passes_conformance_and_trains(installed, t
 def test_xpos_scores_decay_with_distance():
     """The property the paper is after: same q and k, farther apart -> smaller score."""
     registry = Registry.default([str(EXAMPLE)])
-    spec = registry.get("xPos")
-    config = ModelConfig(block_size=64, n_layer=1, n_head=1, n_embd=8, att_type="xPos")
-    layer = spec.factory(config, spec.parse_options({"scale_base": 16}))
-    q_cos, q_sin, k_cos, k_sin = layer._xpos_tables(0, 64, torch.device("cpu"))
+    config = ModelConfig(
+        block_size=64,
+        n_layer=1,
+        n_head=1,
+        n_embd=8,
+        att_type="xPos",
+        att_options={"scale_base": 16},
+    )
+    layer = registry.resolve(config).build_layer(config)
+    q_cos, q_sin, k_cos, k_sin = layer.tables.get(0, 64, torch.device("cpu"), torch.float32)
     # the rotation cancels for q_n . k_m when the angles are equal; the scales leave zeta^(n-m)
     scale_q = torch.sqrt(q_cos**2 + q_sin**2)  # (64, hs/2)
     scale_k = torch.sqrt(k_cos**2 + k_sin**2)

@@ -9,7 +9,7 @@ from ropelm.generate import generate_tokens, sample_next
 def tiny_model() -> TransformerLM:
     torch.manual_seed(0)
     config = ModelConfig(block_size=16, vocab_size=50, n_layer=2, n_head=2, n_embd=32, dropout=0.0)
-    return TransformerLM(config).eval()
+    return TransformerLM.from_config(config).eval()
 
 
 def test_temperature_zero_is_argmax():

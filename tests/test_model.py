@@ -9,13 +9,14 @@ import torch
 
 from ropelm import ConfigError, ModelConfig, TransformerLM
 from ropelm.config import validate
+from ropelm.experiment import Experiment
 
 SMALL = {"block_size": 32, "vocab_size": 64, "n_layer": 2, "n_head": 4, "n_embd": 32}
 
 
 def small_model(**overrides) -> TransformerLM:
     torch.manual_seed(0)
-    return TransformerLM(ModelConfig(**{**SMALL, "dropout": 0.0, **overrides})).eval()
+    return TransformerLM.from_config(ModelConfig(**{**SMALL, "dropout": 0.0, **overrides})).eval()
 
 
 def test_defaults_are_the_seeds():
@@ -68,12 +69,14 @@ def test_odd_head_size_is_rejected_for_rope(assert_one_sentence):
         "model: attention 'RoPE-SM' needs an even head size, but n_embd / n_head = 36 / 4 = 9"
     )
     with pytest.raises(ConfigError) as info:
-        TransformerLM(config)
+        TransformerLM.from_config(config)
     assert str(info.value).startswith(expected)
     assert_one_sentence(str(info.value))
     with pytest.raises(ConfigError, match="needs an even head size"):  # caught before training
-        validate({"model": {**SMALL, "n_embd": 36}})
-    TransformerLM(config.model_copy(update={"att_type": "NoPE"}))  # no rotation: odd is fine
+        Experiment.bind(validate({"model": {**SMALL, "n_embd": 36}}))
+    TransformerLM.from_config(
+        config.model_copy(update={"att_type": "NoPE"})
+    )  # no rotation: odd is fine
 
 
 def test_loss_ignores_pad_token():
@@ -137,7 +140,7 @@ def test_parameter_count_formula(bias):
 def test_residual_projections_are_scaled_down_with_depth():
     n_layer, C = 4, 64
     torch.manual_seed(0)
-    model = TransformerLM(
+    model = TransformerLM.from_config(
         ModelConfig(block_size=32, vocab_size=128, n_layer=n_layer, n_head=4, n_embd=C)
     )
     params = dict(model.named_parameters())

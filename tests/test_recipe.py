@@ -30,7 +30,9 @@ def test_lr_without_warmup_starts_at_the_peak():
 
 
 def test_weight_decay_applies_to_matrices_only():
-    model = TransformerLM(ModelConfig(block_size=8, vocab_size=20, n_layer=1, n_head=2, n_embd=8))
+    model = TransformerLM.from_config(
+        ModelConfig(block_size=8, vocab_size=20, n_layer=1, n_head=2, n_embd=8)
+    )
     opt = build_optimizer(model, TrainConfig(weight_decay=0.1), torch.device("cpu"))
     decayed, plain = opt.param_groups
     assert decayed["weight_decay"] == 0.1 and plain["weight_decay"] == 0.0
@@ -52,7 +54,13 @@ def test_step_plan_counts_epochs_over_the_global_batch():
 
 def test_precision_defaults_to_fp32_on_cpu_and_rejects_fp16_there():
     cpu = torch.device("cpu")
-    assert resolve_precision(TrainConfig(), cpu) is None
-    assert resolve_precision(TrainConfig(precision="bf16"), cpu) == torch.bfloat16
+    assert resolve_precision(TrainConfig().precision, cpu).dtype is None
+    assert resolve_precision("fp32", cpu).name == "fp32"
+    bf16 = resolve_precision("bf16", cpu)
+    assert bf16.dtype == torch.bfloat16 and not bf16.needs_grad_scaler
+    with bf16.autocast():
+        assert (torch.ones(2, 2) @ torch.ones(2, 2)).dtype == torch.bfloat16
+    with resolve_precision("auto", cpu).autocast():
+        assert (torch.ones(2, 2) @ torch.ones(2, 2)).dtype == torch.float32
     with pytest.raises(ConfigError, match="fp16 needs a CUDA device"):
-        resolve_precision(TrainConfig(precision="fp16"), cpu)
+        resolve_precision("fp16", cpu)

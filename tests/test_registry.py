@@ -25,6 +25,7 @@ from ropelm import (
     UnknownAttentionError,
 )
 from ropelm.config import load_experiment, validate
+from ropelm.experiment import Experiment
 from ropelm.registry import ENTRY_POINT_GROUP
 from ropelm.testing import run_all
 
@@ -97,9 +98,9 @@ def test_unknown_att_type_without_close_match_lists_names_only():
 
 def test_unknown_att_type_surfaces_through_model_and_config():
     with pytest.raises(UnknownAttentionError, match=r"did you mean 'RoPE-SM'\?"):
-        TransformerLM(ModelConfig(**SMALL_MODEL, att_type="RoPE-SN"))
+        TransformerLM.from_config(ModelConfig(**SMALL_MODEL, att_type="RoPE-SN"))
     with pytest.raises(RopelmError, match=r"'RoPE-SN' \(did you mean 'RoPE-SM'\?\)"):
-        validate({"model": {"att_type": "RoPE-SN"}})
+        Experiment.bind(validate({"model": {"att_type": "RoPE-SN"}}))
 
 
 # -- duplicates and broken plugins ------------------------------------------------------------
@@ -259,10 +260,10 @@ def test_plugin_file_named_in_yaml_builds_a_conforming_model(tmp_path, monkeypat
     plugin_file = str((tmp_path / "temperature_attention.py").resolve())
     assert config.plugins == [plugin_file]
 
-    registry = config.registry()
+    registry = Registry.default(config.plugins)
     variant = registry.variant("Tmp-Temperature")
     assert variant.source == f"module {plugin_file}"
-    model = TransformerLM(config.model, registry)
+    model = TransformerLM.from_config(config.model, registry)
     assert all(block.attn.temperature == 2.0 for block in model.blocks)
     assert isinstance(model.blocks[0].attn, SelfAttention)
     logits, _ = model(torch.zeros(1, 8, dtype=torch.long))
@@ -273,20 +274,20 @@ def test_plugin_file_named_in_yaml_builds_a_conforming_model(tmp_path, monkeypat
 
 def test_yaml_plugin_options_are_validated_by_the_plugin(tmp_path):
     with pytest.raises(ConfigError) as info:
-        load_experiment(write_experiment(tmp_path, {"temprature": 2.0}))
+        Experiment.load(write_experiment(tmp_path, {"temprature": 2.0}))
     assert str(info.value).startswith(
         "model.att_options.temprature: unknown option for attention 'Tmp-Temperature' "
         "(did you mean 'temperature'?)"
     )
     with pytest.raises(ConfigError, match="temperature must be positive"):
-        load_experiment(write_experiment(tmp_path, {"temperature": -1.0}))
+        Experiment.load(write_experiment(tmp_path, {"temperature": -1.0}))
 
 
 def test_missing_plugin_file_in_yaml_is_a_plugin_error(tmp_path):
     path = tmp_path / "experiment.yaml"
     path.write_text(yaml.safe_dump({"plugins": ["missing.py"]}))
     with pytest.raises(PluginError, match=r"Plugin module '.*missing\.py' failed to import"):
-        load_experiment(path)
+        Experiment.load(path)
 
 
 # -- a real package with an entry point -------------------------------------------------------
@@ -297,7 +298,9 @@ def test_installed_entry_point_is_found_in_process(demo_plugin):
     variant = registry.variant(demo_plugin.variant)
     assert variant.source == demo_plugin.source
     assert variant.version == demo_plugin.version
-    model = TransformerLM(ModelConfig(**SMALL_MODEL, att_type=demo_plugin.variant), registry)
+    model = TransformerLM.from_config(
+        ModelConfig(**SMALL_MODEL, att_type=demo_plugin.variant), registry
+    )
     assert isinstance(model.blocks[0].attn, SelfAttention)
     assert type(model.blocks[0].attn).__module__ == "ropelm_demo_plugin"
     assert all(r.outcome == "passed" for r in run_all(variant.spec))

@@ -75,7 +75,8 @@ BENCH = {
     "device_name": "cpu: test",
     "reference": "RoPE-SM",
     "results": [
-        {"variant": v, "device": "cpu", "T": t, "status": "ok", "fwd_tokens_per_s": f * t,
+        {"variant": v, "att_type": v, "att_options": {}, "device": "cpu", "T": t, "status": "ok",
+         "fwd_tokens_per_s": f * t,
          "fwd_bwd_tokens_per_s": f * t / 3, "fwd_bwd_peak_mb": t / 8}
         for v, f in (("RoPE-SM", 10.0), ("Learned-APE", 12.0)) for t in (32, 64, 128)
     ],
@@ -144,6 +145,20 @@ def test_bench_columns_come_from_the_runs_block_size(sweep, tmp_path):
     assert summary[0][-2:] == ["fwd+bwd tokens/s @T=32", "peak MB @T=32"]
     rows = {r[0]: r for r in summary[1:]}
     assert rows["Learned-APE"][-2:] == ["128", "4.0"]
+
+
+def test_bench_rows_are_matched_to_runs_by_variant_not_by_label_text(tmp_path):
+    """A bench row of RoPE-SM with its options written in another order is the same variant."""
+    root = tmp_path / "runs"
+    write_run(root, "RoPE-SM", 0, 0, options={"scaling": "ntk", "scale_factor": 2})
+    row = {"variant": "RoPE-SM:scale_factor=2:scaling=ntk", "att_type": "RoPE-SM",
+           "att_options": {"scale_factor": 2, "scaling": "ntk"}, "device": "cpu", "T": 32,
+           "status": "ok", "fwd_bwd_tokens_per_s": 777.0, "fwd_bwd_peak_mb": 1.5}  # fmt: skip
+    bench = tmp_path / "bench.json"
+    bench.write_text(json.dumps({"results": [row]}))
+    summary = github_rows(compare([root], bench=[bench]).text, "Summary")
+    assert summary[1][0] == "RoPE-SM:scaling=ntk:scale_factor=2"  # the run's own label
+    assert summary[1][-2:] == ["777", "1.5"]
 
 
 def test_csv_parses_with_mean_and_std_columns(sweep):

@@ -12,7 +12,7 @@ import math
 
 import pytest
 import torch
-from ropelm.plugins.rope_sm_complex import ComplexRotation, apply_rotary_emb_complex
+from ropelm.plugins.rope_sm_complex import apply_rotary_emb_complex, complex_rotation
 
 from ropelm import ModelConfig, Registry
 from ropelm.rope import RopeTables, apply_rotary_emb, build_rope_cache
@@ -238,7 +238,8 @@ def test_real_and_complex_rotations_agree(head_size, dtype):
     x = torch.randn(2, 3, MAX_LEN, head_size, generator=torch.Generator().manual_seed(4))
     x = x.to(dtype)
     cos, sin = RopeTables(head_size).get(0, MAX_LEN, CPU, dtype)
-    rotation = ComplexRotation(head_size, base=10000.0).get(0, MAX_LEN, CPU, dtype)
+    complex_dtype = torch.complex128 if dtype == torch.float64 else torch.complex64
+    rotation = complex_rotation(MAX_LEN, head_size, 10000.0, None, CPU).to(complex_dtype)
     real = apply_rotary_emb(x, cos, sin)
     complex_ = apply_rotary_emb_complex(x, rotation)
     assert real.dtype == complex_.dtype == dtype

@@ -11,39 +11,9 @@ from click.testing import CliRunner
 
 from ropelm.cli import main
 from ropelm.errors import ConfigError, UnknownAttentionError
-from ropelm.sweep import (
-    SweepError,
-    VariantChoice,
-    parse_seeds,
-    parse_variants,
-    plan_sweep,
-    run_sweep,
-)
-
-
-def test_parse_variants_with_options():
-    choices = parse_variants(["RoPE-SM,ALiBi", "RoPE-Sliding:window=32:n_kv_head=1"])
-    assert [c.name for c in choices] == ["RoPE-SM", "ALiBi", "RoPE-Sliding"]
-    sliding = choices[2]
-    assert sliding.options_dict == {"window": 32, "n_kv_head": 1}  # YAML-typed values
-    assert sliding.label == "RoPE-Sliding:window=32:n_kv_head=1"
-    assert sliding.dir_label == "RoPE-Sliding_window32_n_kv_head1"
-    assert VariantChoice("NoPE").dir_label == "NoPE"
-
-
-@pytest.mark.parametrize(
-    ("items", "message"),
-    [
-        (["RoPE-SM,RoPE-SM"], "names 'RoPE-SM' twice"),
-        (["RoPE-Sliding:window"], "write options as NAME:KEY=VALUE"),
-        ([":window=3"], "the variant name is missing"),
-        ([" , "], "--variants is empty"),
-    ],
-)
-def test_parse_variants_errors(items, message, assert_one_sentence):
-    with pytest.raises(ConfigError, match=message) as info:
-        parse_variants(items)
-    assert_one_sentence(str(info.value))
+from ropelm.experiment import Experiment
+from ropelm.sweep import SweepError, parse_seeds, plan_sweep, run_sweep
+from ropelm.variants import parse_variants
 
 
 def test_parse_seeds():
@@ -71,24 +41,29 @@ def experiment(tmp_path: Path) -> Path:
 
 def test_plan_validates_every_run_and_sets_type_options_and_seed(experiment, tmp_path):
     variants = parse_variants(["RoPE-SM,ALiBi,RoPE-Sliding:window=8"])
-    sweep_dir, runs = plan_sweep(experiment, variants, [0, 5])
+    sweep_dir, runs = plan_sweep(Experiment.load(experiment), variants, [0, 5])
     assert sweep_dir == Path("runs/sw-sweep")
     assert [(r.variant.name, r.seed) for r in runs] == [
         ("RoPE-SM", 0), ("ALiBi", 0), ("RoPE-Sliding", 0),
         ("RoPE-SM", 5), ("ALiBi", 5), ("RoPE-Sliding", 5),
     ]  # fmt: skip
-    by_name = {(r.variant.name, r.seed): r for r in runs}
+    by_name = {(r.variant.name, r.seed): r.experiment for r in runs}
     assert by_name[("RoPE-SM", 5)].config.model.att_options == {"n_kv_head": 1}  # the YAML's
     assert by_name[("ALiBi", 0)].config.model.att_options == {}  # not RoPE-SM's options
     assert by_name[("RoPE-Sliding", 0)].config.model.att_options == {"window": 8}
+    assert by_name[("RoPE-Sliding", 0)].attention.options.window == 8  # resolved up front
     assert by_name[("ALiBi", 5)].config.train.seed == 5
-    assert by_name[("RoPE-Sliding", 5)].dir == sweep_dir / "RoPE-Sliding_window8-seed5"
+    # one registry serves every run of the sweep
+    assert len({id(e.registry) for e in by_name.values()}) == 1
+    assert runs[5].dir == sweep_dir / "RoPE-Sliding_window8-seed5"
     assert not sweep_dir.exists()  # planning creates nothing
 
 
 def test_unknown_variant_fails_before_anything_runs(experiment, tmp_path, assert_one_sentence):
     with pytest.raises(UnknownAttentionError) as info:
-        plan_sweep(experiment, parse_variants(["RoPE-SM,Alibi"]), [0], out=tmp_path / "s")
+        plan_sweep(
+            Experiment.load(experiment), parse_variants(["RoPE-SM,Alibi"]), [0], out=tmp_path / "s"
+        )
     assert "did you mean 'ALiBi'" in str(info.value)
     assert_one_sentence(str(info.value))
     code, out = invoke("sweep", experiment, "--variants", "RoPE-SM,Alibi", "--out", tmp_path / "s")
@@ -153,15 +128,16 @@ def test_sweep_trains_evaluates_compares_then_skips_and_resumes(experiment, tmp_
 
 def test_sweep_refuses_a_run_dir_of_another_experiment(experiment, tmp_path, assert_one_sentence):
     out = tmp_path / "sweep"
-    _, runs = plan_sweep(experiment, parse_variants(["NoPE"]), [0], out=out)
+    base = Experiment.load(experiment)
+    _, runs = plan_sweep(base, parse_variants(["NoPE"]), [0], out=out)
     run = runs[0]
     run.dir.mkdir(parents=True)
-    other = yaml.safe_load(run.config.model_dump_json())
+    other = yaml.safe_load(run.experiment.config.model_dump_json())
     other["train"]["learning_rate"] = 0.5
     (run.dir / "config.yaml").write_text(yaml.safe_dump(other))
     (run.dir / "summary.json").write_text("{}")
     with pytest.raises(SweepError, match=r"1 of 1 runs failed \(NoPE seed 0\)") as info:
-        run_sweep(experiment, [run.variant], [0], out=out, progress=False, log=lambda m: None)
+        run_sweep(base, [run.variant], [0], out=out, progress=False, log=lambda m: None)
     assert_one_sentence(str(info.value))
     manifest = json.loads((out / "sweep.json").read_text())
     assert manifest["runs"][0]["status"] == "failed"

@@ -1,13 +1,22 @@
 """``ropelm-exp``: the command-line interface (entry point ``ropelm.cli:main``).
 
-Each module registers its commands on the click group :data:`main` when imported.
+The click group and the options commands share live in ``app.py``; each other
+module holds the command it is named after and registers it on the group when
+imported. Every command builds at most one plugin registry and passes it down.
 """
 
 from ropelm.cli import (  # noqa: F401 (imported to register their commands)
-    compare_commands,
-    model_commands,
-    pipeline_commands,
-    setup_commands,
+    bench,
+    compare,
+    eval,
+    generate,
+    plugins,
+    prepare,
+    run,
+    sweep,
+    tokenizer,
+    train,
+    validate,
 )
 from ropelm.cli.app import main
 

@@ -32,7 +32,7 @@ from __future__ import annotations
 import dataclasses
 
 from ropelm.attention import AttentionSpec
-from ropelm.model import ModelConfig
+from ropelm.config import ModelConfig
 from ropelm.testing.checks import (
     check_batch_independence,
     check_bf16_close_to_fp32,

@@ -7,7 +7,8 @@ from typing import Any
 import torch
 
 from ropelm.attention import AttentionSpec
-from ropelm.model import ModelConfig, TransformerLM
+from ropelm.config import ModelConfig
+from ropelm.model import TransformerLM
 from ropelm.testing.harness import (
     BATCH_TOL,
     BF16_MIN_LENGTH,
@@ -27,8 +28,8 @@ from ropelm.testing.harness import (
     model_logits,
     random_hidden,
     random_tokens,
-    registry_for,
     require_causal,
+    resolve,
     seeded,
     seeded_generator,
 )
@@ -151,11 +152,11 @@ def check_determinism(spec: AttentionSpec, config: ModelConfig | None = None) ->
     (``torch.equal``).
     """
     config = derive_config(spec, config, dropout=0.1)
-    registry = registry_for(spec)
+    attention = resolve(spec, config)
 
     def initial_state(seed: int) -> dict[str, torch.Tensor]:
         with seeded(seed):
-            return TransformerLM(config, registry).state_dict()
+            return TransformerLM(config, attention).state_dict()
 
     first, second, other = initial_state(0), initial_state(0), initial_state(1)
     for key, value in first.items():

@@ -13,10 +13,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from ropelm.attention import AttentionSpec
-from ropelm.hookspecs import hookimpl
-from ropelm.model import ModelConfig, TransformerLM
-from ropelm.registry import Registry
+from ropelm.attention import AttentionSpec, ResolvedAttention
+from ropelm.config import ModelConfig
+from ropelm.model import TransformerLM
 
 #: Tolerances (max abs diff unless stated), shared by the checks and quoted in their docs.
 EXACT_TOL = 1e-6  # outputs that must not depend on a change at all (float32 noise only)
@@ -72,22 +71,11 @@ def derive_config(spec: AttentionSpec, config: ModelConfig | None, **changes: An
     return conformance_config(spec, **values)
 
 
-class SpecPlugin:
-    """A plugin object registering one spec, so any spec can build a TransformerLM."""
-
-    def __init__(self, spec: AttentionSpec) -> None:
-        self.spec = spec
-
-    @hookimpl
-    def ropelm_register_attention(self, register: Callable[[AttentionSpec], None]) -> None:
-        register(self.spec)
-
-
-def registry_for(spec: AttentionSpec) -> Registry:
-    """A registry holding ``spec`` alone (it need not be installed anywhere)."""
-    registry = Registry()
-    registry.register_plugin(SpecPlugin(spec), source=f"ropelm.testing ({spec.name})")
-    return registry
+def resolve(spec: AttentionSpec, config: ModelConfig) -> ResolvedAttention:
+    """``spec`` with ``config.att_options`` parsed, as the registry resolves a variant
+    (``config.att_type`` is taken to be ``spec.name``)."""
+    config = config.model_copy(update={"att_type": spec.name})
+    return ResolvedAttention.resolve(spec, config, source=f"ropelm.testing ({spec.name})")
 
 
 @contextlib.contextmanager
@@ -111,16 +99,15 @@ def redraw_weights(module: nn.Module, seed: int) -> None:
 def build_model(spec: AttentionSpec, config: ModelConfig, seed: int = 0) -> TransformerLM:
     """A :class:`TransformerLM` for ``spec`` with redrawn weights, in eval mode."""
     with seeded(seed):
-        model = TransformerLM(config, registry_for(spec))
+        model = TransformerLM(config, resolve(spec, config))
     redraw_weights(model, seed)
     return model.eval()
 
 
 def build_layer(spec: AttentionSpec, config: ModelConfig, seed: int = 0) -> nn.Module:
     """One attention layer built by ``spec.factory`` with redrawn weights, in eval mode."""
-    options = spec.parse_options(config.att_options)
     with seeded(seed):
-        layer = spec.factory(config, options)
+        layer = resolve(spec, config).build_layer(config)
     redraw_weights(layer, seed)
     return layer.eval()
 

@@ -25,9 +25,3 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
         metafunc.parametrize("variant_name", names, ids=names)
     if "conformance_check" in metafunc.fixturenames:
         metafunc.parametrize("conformance_check", CHECKS, ids=[check_id(c) for c in CHECKS])
-
-
-@pytest.fixture(scope="session")
-def registry() -> Registry:
-    """The default registry, built once for the conformance tests."""
-    return Registry.default()

@@ -16,7 +16,7 @@ from collections.abc import Callable
 import pytest
 import torch
 import torch.nn.functional as F
-from ropelm.plugins.rope_sm import RoPEAttention
+from ropelm.plugins.rope_sm import RoPEAttention, RoPEOptions
 from torch import nn
 
 from ropelm import AttentionSpec, Capabilities, ModelConfig, Registry, SelfAttention
@@ -78,6 +78,9 @@ class SeesTheFuture(SelfAttention):
 
 class IgnoresCacheOffset(RoPEAttention):
     """Bug: every call rotates as if it started at position 0 (breaks cached decoding)."""
+
+    def __init__(self, config):
+        super().__init__(config, RoPEOptions())
 
     def position_qk(self, q, k, start):
         return super().position_qk(q, k, 0)

@@ -6,9 +6,9 @@ import math
 
 import pytest
 import torch
-from ropelm.plugins.alibi import AlibiOptions, alibi_mask, alibi_slopes, build
+from ropelm.plugins.alibi import alibi_mask, alibi_slopes, build
 
-from ropelm import ModelConfig, Registry, TransformerLM
+from ropelm import KVHeadOptions, ModelConfig, Registry, TransformerLM
 
 
 def config(**overrides) -> ModelConfig:
@@ -47,7 +47,7 @@ def reference(q, k, v, start: int) -> torch.Tensor:
 
 def test_attention_matches_hand_written_reference():
     torch.manual_seed(0)
-    attn = build(config(), AlibiOptions())
+    attn = build(config(), KVHeadOptions())
     q, k, v = torch.randn(3, 2, 4, 12, 8, dtype=torch.float64).unbind(0)
     torch.testing.assert_close(attn.attend(q, k, v, 0), reference(q, k, v, 0), rtol=0, atol=1e-10)
     # queries continuing a cache: 5 new positions after 7 cached keys
@@ -65,7 +65,7 @@ def test_mask_values_and_dtype():
 
 def test_gqa_matches_reference_with_repeated_kv_heads():
     torch.manual_seed(0)
-    attn = build(config(), AlibiOptions(n_kv_head=2))
+    attn = build(config(), KVHeadOptions(n_kv_head=2))
     q = torch.randn(2, 4, 10, 8, dtype=torch.float64)
     k, v = torch.randn(2, 2, 2, 10, 8, dtype=torch.float64).unbind(0)
     want = reference(q, k.repeat_interleave(2, 1), v.repeat_interleave(2, 1), 0)
@@ -74,7 +74,7 @@ def test_gqa_matches_reference_with_repeated_kv_heads():
 
 def test_cached_decoding_equals_full_forward_beyond_block_size():
     torch.manual_seed(0)
-    model = TransformerLM(config(n_layer=2), Registry.default()).eval()
+    model = TransformerLM.from_config(config(n_layer=2), Registry.default()).eval()
     idx = torch.randint(0, 61, (2, 48))  # 1.5x block_size: ALiBi extrapolates
     state = model.init_decode_state(2, 48)
     with torch.no_grad():
@@ -85,7 +85,7 @@ def test_cached_decoding_equals_full_forward_beyond_block_size():
 
 
 def test_bias_is_not_state_and_follows_the_model_dtype():
-    model = TransformerLM(config(), Registry.default())
+    model = TransformerLM.from_config(config(), Registry.default())
     assert not any("mask" in name or "slope" in name for name in model.state_dict())
     model = model.to(torch.bfloat16)
     logits, _ = model(torch.randint(0, 61, (1, 16)))

@@ -20,7 +20,7 @@ def model(**options) -> TransformerLM:
         att_type="Learned-APE",
         att_options=options,
     )
-    return TransformerLM(cfg).eval()
+    return TransformerLM.from_config(cfg).eval()
 
 
 def test_table_is_a_block_size_parameter():

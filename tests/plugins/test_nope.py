@@ -5,9 +5,9 @@ from __future__ import annotations
 import math
 
 import torch
-from ropelm.plugins.nope import NoPEOptions, build
+from ropelm.plugins.nope import build
 
-from ropelm import ModelConfig, Registry, TransformerLM
+from ropelm import KVHeadOptions, ModelConfig, Registry, TransformerLM
 
 
 def config(**overrides) -> ModelConfig:
@@ -17,7 +17,7 @@ def config(**overrides) -> ModelConfig:
 
 def test_matches_plain_causal_softmax():
     torch.manual_seed(0)
-    attn = build(config(att_type="NoPE"), NoPEOptions())
+    attn = build(config(att_type="NoPE"), KVHeadOptions())
     q, k, v = torch.randn(3, 2, 4, 9, 8, dtype=torch.float64).unbind(0)
     scores = q @ k.transpose(-1, -2) / math.sqrt(8)
     scores = scores.masked_fill(torch.ones(9, 9, dtype=torch.bool).triu(1), float("-inf"))
@@ -40,7 +40,7 @@ def test_last_output_ignores_the_order_of_earlier_tokens():
 
 def test_mqa_cache_holds_one_head_and_decoding_matches():
     torch.manual_seed(0)
-    model = TransformerLM(config(att_type="NoPE", att_options={"n_kv_head": 1})).eval()
+    model = TransformerLM.from_config(config(att_type="NoPE", att_options={"n_kv_head": 1})).eval()
     state = model.init_decode_state(1, 40)
     assert state.caches[0].k.shape == (1, 1, 40, 8)
     idx = torch.randint(0, 61, (1, 40))  # beyond block_size: nothing limits NoPE's length

@@ -117,14 +117,16 @@ def test_options_are_validated(registry, att_type, options, message):
 @pytest.mark.parametrize("att_type", ["RoPE-SM", "RoPE-SM-complex"])
 def test_scaling_is_switchable_at_evaluation_time(registry, att_type):
     torch.manual_seed(0)
-    trained = TransformerLM(config(att_type=att_type), registry).eval()
+    trained = TransformerLM.from_config(config(att_type=att_type), registry).eval()
     idx = torch.randint(0, 61, (2, 4 * trained.config.block_size))  # 4x the training length
     for options in (
         {"scaling": "linear", "scale_factor": 4.0},
         {"scaling": "ntk", "scale_factor": 4.0},
         {"scaling": "yarn", "scale_factor": 4.0},
     ):
-        scaled = TransformerLM(config(att_type=att_type, att_options=options), registry).eval()
+        scaled = TransformerLM.from_config(
+            config(att_type=att_type, att_options=options), registry
+        ).eval()
         scaled.load_state_dict(trained.state_dict(), strict=True)  # no new parameters
         with torch.no_grad():
             logits, _ = scaled(idx)
@@ -162,8 +164,8 @@ def test_complex_agrees_with_real_under_yarn(registry):
 
 def test_n_kv_head_equal_to_n_head_keeps_the_mha_layout(registry):
     torch.manual_seed(0)
-    mha = TransformerLM(config(), registry)
-    same = TransformerLM(config(att_options={"n_kv_head": 4}), registry)
+    mha = TransformerLM.from_config(config(), registry)
+    same = TransformerLM.from_config(config(att_options={"n_kv_head": 4}), registry)
     assert {k: v.shape for k, v in mha.state_dict().items()} == {
         k: v.shape for k, v in same.state_dict().items()
     }
@@ -177,8 +179,10 @@ def test_n_kv_head_equal_to_n_head_keeps_the_mha_layout(registry):
 def test_gqa_equals_mha_with_shared_key_value_heads(registry, att_type, n_kv_head):
     """Query head h must read kv head h // (n_head // n_kv_head)."""
     torch.manual_seed(0)
-    gqa = TransformerLM(config(att_type=att_type, att_options={"n_kv_head": n_kv_head}), registry)
-    mha = TransformerLM(config(att_type=att_type), registry)
+    gqa = TransformerLM.from_config(
+        config(att_type=att_type, att_options={"n_kv_head": n_kv_head}), registry
+    )
+    mha = TransformerLM.from_config(config(att_type=att_type), registry)
     state = gqa.state_dict()
     C, hs, group = 32, 8, 4 // n_kv_head
     for name in [n for n in state if n.endswith("c_attn.weight") or n.endswith("c_attn.bias")]:
@@ -195,7 +199,7 @@ def test_gqa_equals_mha_with_shared_key_value_heads(registry, att_type, n_kv_hea
 
 def test_mqa_shapes_and_cached_decoding(registry):
     torch.manual_seed(0)
-    model = TransformerLM(config(att_options={"n_kv_head": 1}), registry).eval()
+    model = TransformerLM.from_config(config(att_options={"n_kv_head": 1}), registry).eval()
     attn = model.blocks[0].attn
     assert attn.c_attn.weight.shape == (32 + 2 * 8, 32)
     state = model.init_decode_state(batch_size=2, max_len=32)
@@ -210,4 +214,4 @@ def test_mqa_shapes_and_cached_decoding(registry):
 
 def test_n_kv_head_must_divide_n_head(registry):
     with pytest.raises(ConfigError, match=r"n_kv_head: must divide n_head \(4\), got 3"):
-        TransformerLM(config(att_options={"n_kv_head": 3}), registry)
+        TransformerLM.from_config(config(att_options={"n_kv_head": 3}), registry)

@@ -31,8 +31,8 @@ def test_values_match_the_paper_formula(base, scale):
 
 def test_no_parameters_and_runs_past_block_size_in_bf16():
     torch.manual_seed(0)
-    lm = TransformerLM(config())
-    plain = TransformerLM(config(att_type="NoPE"))
+    lm = TransformerLM.from_config(config())
+    plain = TransformerLM.from_config(config(att_type="NoPE"))
     assert lm.num_parameters() == plain.num_parameters()
     assert not any(name.startswith("pos_emb") for name in lm.state_dict())
     lm = lm.to(torch.bfloat16).eval()
@@ -42,7 +42,7 @@ def test_no_parameters_and_runs_past_block_size_in_bf16():
 
 def test_embedding_is_added_at_the_input():
     torch.manual_seed(0)
-    lm = TransformerLM(config(att_options={"scale": 0.5})).eval()
+    lm = TransformerLM.from_config(config(att_options={"scale": 0.5})).eval()
     idx = torch.randint(0, 61, (1, 6))
     captured = {}
     lm.drop.register_forward_hook(lambda mod, inp, out: captured.setdefault("x", out))
@@ -63,12 +63,12 @@ def test_options_are_validated(options, message):
 
 def test_odd_embedding_width_is_rejected():
     with pytest.raises(ConfigError, match="n_embd must be even"):
-        TransformerLM(config(n_embd=33, n_head=3))
+        TransformerLM.from_config(config(n_embd=33, n_head=3))
 
 
 def test_default_amplitude_balances_position_and_token_signal():
     """At initialisation the position embedding is as large as the token embedding (RMS)."""
-    lm = TransformerLM(config())
+    lm = TransformerLM.from_config(config())
     positions = torch.arange(lm.config.block_size)
     pos_rms = lm.pos_emb(positions).pow(2).mean().sqrt().item()
     tok_rms = lm.tok_emb.weight.pow(2).mean().sqrt().item()

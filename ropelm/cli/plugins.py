@@ -1,4 +1,4 @@
-"""``plugins`` and ``validate``: what is installed, and whether an experiment is valid."""
+"""``ropelm-exp plugins``: the registered attention variants and where each comes from."""
 
 from __future__ import annotations
 
@@ -8,12 +8,8 @@ from pathlib import Path
 import click
 from tabulate import tabulate
 
-from ropelm.cli.app import (
-    experiment_argument,
-    main,
-    set_option,
-)
-from ropelm.config import load_experiment, to_yaml
+from ropelm.cli.app import main
+from ropelm.config import load_experiment
 from ropelm.registry import Registry
 
 
@@ -74,20 +70,3 @@ def plugins_command(
             maxcolwidths=[None, 50, 40, 30],
         )
     )
-
-
-@main.command("validate")
-@experiment_argument
-@set_option
-@click.option("--show", is_flag=True, help="Print the resolved configuration as YAML.")
-def validate_command(experiment: Path, overrides: tuple[str, ...], show: bool) -> None:
-    """Check an experiment YAML without running anything.
-
-    Unknown keys, wrong types, impossible values, unknown attention types and
-    bad attention options are reported with the dotted path of the key.
-    """
-    config = load_experiment(experiment, overrides)
-    if show:
-        click.echo(to_yaml(config), nl=False)
-    else:
-        click.echo(f"{experiment}: OK (att_type {config.model.att_type}, name '{config.name}')")

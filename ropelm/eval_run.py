@@ -1,10 +1,10 @@
-"""``ropelm-exp eval``: perplexity of a trained run at several lengths, saved to eval.json.
+"""What ``ropelm-exp eval`` does: a trained run's perplexity at several lengths -> eval.json.
 
 :func:`evaluate_run` loads a run's checkpoint (optionally with other
 ``att_options``, e.g. RoPE context-extension scaling switched on), evaluates it
 on the run's validation split at each requested length with both methods of
-:func:`ropelm.evaluate.length_perplexity`, and writes the result atomically as
-JSON. A variant that declares ``capabilities.extrapolates = False`` (e.g.
+:func:`ropelm.perplexity.length_perplexity` (the maths), and writes the result
+atomically as JSON. A variant that declares ``capabilities.extrapolates = False`` (e.g.
 Learned-APE) gets ``"n/a"`` with the reason for lengths beyond its block size,
 instead of an error.
 
@@ -24,7 +24,6 @@ instead of an error.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import re
 from collections.abc import Iterable, Mapping
@@ -32,22 +31,22 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import yaml
 from tabulate import tabulate
 
 from ropelm.atomic import atomic_write_json
+from ropelm.attention import ResolvedAttention
 from ropelm.checkpoint import load_weights, read_model_config, resolve_checkpoint, verify_checkpoint
-from ropelm.config import validate
+from ropelm.config import ModelConfig, validate
 from ropelm.distributed import resolve_device
 from ropelm.errors import ConfigError, RopelmError
-from ropelm.evaluate import (
+from ropelm.model import TransformerLM
+from ropelm.perplexity import (
     METHODS,
     length_perplexity,
     parse_length,
     parse_stride,
     split_specs,
 )
-from ropelm.model import TransformerLM
 from ropelm.pipeline import cached_stages
 from ropelm.recipe import resolve_precision
 from ropelm.registry import Registry
@@ -56,25 +55,6 @@ from ropelm.runs import RunDir
 EVAL_FILE = "eval.json"
 NA = "n/a"
 AUTO = "auto"
-
-
-def parse_att_options(items: Iterable[str]) -> dict[str, Any]:
-    """``["scaling=yarn", "scale_factor=4"]`` -> ``{"scaling": "yarn", "scale_factor": 4}``.
-
-    Values are read as YAML (numbers, booleans, null); the variant validates them.
-    """
-    options: dict[str, Any] = {}
-    for item in items:
-        key, sep, value = item.partition("=")
-        if not sep or not key.strip():
-            raise ConfigError(
-                f"--att-option '{item}': write it as KEY=VALUE, e.g. --att-option scaling=yarn."
-            )
-        try:
-            options[key.strip()] = yaml.safe_load(value) if value.strip() else None
-        except yaml.YAMLError:
-            options[key.strip()] = value
-    return options
 
 
 def options_for_length(options: Mapping[str, Any], length: int, block_size: int) -> dict[str, Any]:
@@ -121,6 +101,7 @@ def run_root(path: Path) -> Path:
 
 def evaluate_run(
     run_dir: str | Path,
+    registry: Registry,
     *,
     lengths: Iterable[str] | None = None,
     att_options: Mapping[str, Any] | None = None,
@@ -137,6 +118,8 @@ def evaluate_run(
 
     Args:
         run_dir: a run directory (or a checkpoint directory inside one).
+        registry: a registry holding the run's attention variant
+            (:func:`ropelm.checkpoint.checkpoint_registry` builds one for a run).
         lengths: e.g. ``["1x", "2x", "2048"]``; default: the run's ``eval.lengths``.
         att_options: overrides of the model's ``att_options`` (same weights);
             ``scale_factor: auto`` is length / block_size at each length.
@@ -148,7 +131,7 @@ def evaluate_run(
         batch_size: windows of ``block_size`` tokens per forward pass (default the
             run's eval.batch_size or train.batch_size); longer windows are batched
             to the same number of tokens.
-        methods: a subset of :data:`ropelm.evaluate.METHODS`.
+        methods: a subset of :data:`ropelm.perplexity.METHODS`.
         which: ``best`` or ``last`` checkpoint.
         device: ``auto``, ``cpu``, ``cuda``, ...
         out: where to write (default ``RUN_DIR/eval.json`` or ``eval-<options>.json``).
@@ -160,7 +143,7 @@ def evaluate_run(
     checkpoint = resolve_checkpoint(Path(run_dir), which)
     manifest = verify_checkpoint(checkpoint).manifest
     config = validate(RunDir(root).read_config())
-    model_config, plugins = read_model_config(checkpoint)
+    model_config, _ = read_model_config(checkpoint)
     overrides = dict(att_options or {})
     model_config = model_config.model_copy(
         update={"att_options": {**model_config.att_options, **overrides}}
@@ -176,61 +159,41 @@ def evaluate_run(
     parsed = {spec: parse_length(spec, block_size) for spec in specs}
     for spec in specs:
         parse_stride(stride, parsed[spec])  # a bad stride fails before any work
-
-    registry = Registry.default(plugins)
-    spec = registry.get(model_config.att_type)
-    options_at = {
-        label: options_for_length(model_config.att_options, length, block_size)
+    configs_at = {
+        label: model_config.model_copy(
+            update={"att_options": options_for_length(model_config.att_options, length, block_size)}
+        )
         for label, length in parsed.items()
     }
-    for options in options_at.values():  # bad options fail before any work
-        spec.parse_options(options)
+    # each distinct set of options resolved once, all of them before any work
+    resolved = {_options_key(c): registry.resolve(c) for c in configs_at.values()}
+    capabilities = next(iter(resolved.values())).spec.capabilities
 
     _, data = cached_stages(config, str(root / "config.yaml"))
     torch_device = resolve_device(device)
-    loaded: tuple[str, TransformerLM] | None = None
-
-    def model_with(options: dict[str, Any]) -> TransformerLM:
-        """The checkpoint's weights in a model built with ``options`` (reused while equal)."""
-        nonlocal loaded
-        key = json.dumps(options, sort_keys=True)
-        if loaded is None or loaded[0] != key:
-            model = TransformerLM(
-                model_config.model_copy(update={"att_options": options}), registry
-            )
-            load_weights(model, checkpoint, torch_device)
-            loaded = (key, model.to(torch_device).eval())
-        return loaded[1]
-
-    amp_dtype = resolve_precision(config.train, torch_device)
-
-    def autocast() -> contextlib.AbstractContextManager:
-        if amp_dtype is None:
-            return contextlib.nullcontext()
-        return torch.autocast(torch_device.type, dtype=amp_dtype)
-
+    precision = resolve_precision(config.train.precision, torch_device)
+    models = _ModelCache(checkpoint, torch_device, resolved)
     window_batch = batch_size or config.eval.batch_size or config.train.batch_size
     batch_tokens = window_batch * block_size
     results: dict[str, Any] = {}
     for label, length in parsed.items():
         entry: dict[str, Any] = {"length": length}
         if AUTO in overrides.values():
-            entry["att_options"] = options_at[label]
+            entry["att_options"] = configs_at[label].att_options
         for method in methods:
-            if length > block_size and not spec.capabilities.extrapolates:
+            if length > block_size and not capabilities.extrapolates:
                 entry[method] = {
                     "status": NA,
-                    "reason": f"{spec.name} does not run beyond its block size of "
+                    "reason": f"{model_config.att_type} does not run beyond its block size of "
                     f"{block_size} tokens (capabilities.extrapolates is False)",
                 }
                 continue
             step = parse_stride(stride, length) if method == "strided" else length
             try:
                 result = length_perplexity(
-                    model_with(options_at[label]), data.val, length=length, stride=step,
+                    models.get(configs_at[label]), data.val, length=length, stride=step,
                     batch_size=max(1, batch_tokens // length), max_windows=max_windows,
-                    max_tokens=max_tokens,
-                    device=torch_device, autocast=autocast,
+                    max_tokens=max_tokens, device=torch_device, autocast=precision.autocast,
                     ignore_index=model_config.pad_token_id,
                 )  # fmt: skip
             except RopelmError as err:  # too little data for this length, ...
@@ -264,6 +227,30 @@ def evaluate_run(
     atomic_write_json(target, report)
     report["path"] = str(target)
     return report
+
+
+def _options_key(config: ModelConfig) -> str:
+    return json.dumps(config.att_options, sort_keys=True)
+
+
+class _ModelCache:
+    """The checkpoint's weights in the model of one set of att_options, kept while it repeats."""
+
+    def __init__(
+        self, checkpoint: Path, device: torch.device, resolved: Mapping[str, ResolvedAttention]
+    ) -> None:
+        self.checkpoint, self.device, self.resolved = checkpoint, device, resolved
+        self._key: str | None = None
+        self._model: TransformerLM | None = None
+
+    def get(self, config: ModelConfig) -> TransformerLM:
+        key = _options_key(config)
+        if self._model is None or self._key != key:
+            self._model = None  # free the previous model before building the next one
+            model = TransformerLM(config, self.resolved[key])
+            load_weights(model, self.checkpoint, self.device)
+            self._key, self._model = key, model.to(self.device).eval()
+        return self._model
 
 
 def read_eval(path: str | Path) -> dict[str, Any]:
