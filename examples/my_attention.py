@@ -1,32 +1,26 @@
-"""xPos: rotary position embedding with an exponential decay by distance, as a ropelm plugin.
+"""KERPLE-Power: a learnable power-law distance bias, as a ropelm plugin in one file.
 
-Sun et al., 2022, "A Length-Extrapolatable Transformer", https://arxiv.org/abs/2212.10554
+Chi et al., 2022, "KERPLE: Kernelized Relative Positional Embedding for Length
+Extrapolation", https://arxiv.org/abs/2205.09921 (the power kernel, eq. 6).
 
-This one file is the whole plugin; the README's "Writing your own attention
-plugin" walks through it. It has the three parts every plugin has:
+The README's "Writing your own attention plugin" walks through this file. Like
+every plugin it has three parts:
 
-1. the **module** -- :class:`XPosAttention`, an ``nn.Module`` mapping (B, T, C) to
-   (B, T, C). It subclasses :class:`ropelm.SelfAttention` (fused QKV projection,
-   causal SDPA, KV cache, output projection) and overrides one method,
-   ``position_qk``, which gives queries and keys their position;
-2. the **options** -- :class:`XPosOptions`, a frozen dataclass that ropelm fills
-   from ``model.att_options`` in the YAML and validates (unknown keys and wrong
-   types are reported with their dotted path);
+1. the **variant** -- :class:`PowerBias`, a ``score_mod`` with FlexAttention's
+   signature ``(score, b, h, q_idx, kv_idx) -> score``. It adds
+   ``-r1_h * |i - j| ** r2_h`` to the score of query i for key j. Because it is an
+   ``nn.Module``, its parameters r1 and r2 are trained and saved with the model;
+2. the **options** -- :class:`PowerOptions`, a frozen dataclass that ropelm fills
+   from ``model.att_options`` and validates (unknown keys and wrong types are
+   reported with their dotted path). Subclassing ``ropelm.SoftmaxOptions`` brings
+   grouped-query attention (``n_kv_head``) and the logit soft-cap (``softcap``);
 3. the **hook** -- :func:`ropelm_register_attention`, which registers an
-   :class:`ropelm.AttentionSpec` (name, description, paper, factory, options,
-   capabilities).
+   :class:`ropelm.AttentionSpec` whose factory returns a ``ropelm.SelfAttention``
+   built with the score_mod. ropelm runs it on the fastest kernel that can:
+   FlexAttention's fused kernel on a GPU, its dense reference elsewhere.
 
-The maths: xPos rotates queries and keys exactly like RoPE and also scales
-feature pair i of the query at position n by zeta_i ** (n / scale_base) and of
-the key at position m by zeta_i ** (-m / scale_base), with
-zeta_i = (i / (hs / 2) + gamma) / (1 + gamma) < 1. A score q_n . k_m then
-carries the factor zeta_i ** ((n - m) / scale_base): attention to distant keys
-is damped, which is what helps xPos extrapolate. Both scalings are folded into
-RoPE's cos/sin tables, so the rotation is one ``ropelm.apply_rotary_emb`` call.
-
-Positions count from 0 (the paper centres them on the middle of the window); with
-absolute positions the KV cache needs nothing special: a cached key keeps the
-scale of its own position.
+The kernel is conditionally positive definite for 0 < r2 <= 2, so r1 is kept
+above ``eps`` and r2 in [eps, 2] by clamping where they are used.
 """
 
 from __future__ import annotations
@@ -35,81 +29,66 @@ import dataclasses
 from collections.abc import Callable
 
 import torch
+from torch import nn
 
 import ropelm
 
 
 @dataclasses.dataclass(frozen=True)
-class XPosOptions:
-    """``model.att_options`` of xPos.
+class PowerOptions(ropelm.SoftmaxOptions):
+    """``model.att_options`` of KERPLE-Power.
 
     Attributes:
-        scale_base: distance (in tokens) over which the decay factor zeta_i applies once.
-        gamma: sets zeta_i = (i / (hs / 2) + gamma) / (1 + gamma); larger is a weaker decay.
+        eps: smallest value r1 and r2 take.
     """
 
-    scale_base: float = 512.0
-    gamma: float = 0.4
+    eps: float = 1e-2
 
     def __post_init__(self) -> None:
-        if not self.scale_base > 0:
-            raise ValueError(f"scale_base must be > 0, got {self.scale_base}")
-        if not self.gamma > 0:
-            raise ValueError(f"gamma must be > 0, got {self.gamma}")
+        super().__post_init__()
+        if not 0 < self.eps < 2:
+            raise ValueError(f"eps must be in (0, 2), got {self.eps}")
 
 
-class XPosAttention(ropelm.SelfAttention):
-    """Causal softmax attention with xPos (scaled RoPE) queries and keys."""
+class PowerBias(nn.Module):
+    """The score_mod: ``score - r1[h] * |q_idx - kv_idx| ** r2[h]``."""
 
-    def __init__(self, config: ropelm.ModelConfig, options: XPosOptions) -> None:
-        super().__init__(config)
-        if self.head_size % 2:
-            raise ropelm.ConfigError(
-                f"model: attention 'xPos' rotates feature pairs and needs an even head size, "
-                f"but n_embd / n_head = {config.n_embd} / {config.n_head} = {self.head_size}."
-            )
-        self.rope_theta = config.rope_theta
-        self.options = options
-        # tables for positions 0..L-1, per device, grown on demand; not buffers, so they
-        # never reach a checkpoint and Module.to(torch.bfloat16) does not round them
-        self.tables = ropelm.PositionTables(self._xpos_tables)
+    def __init__(self, n_head: int, eps: float) -> None:
+        super().__init__()
+        self.eps = eps
+        self.r1 = nn.Parameter(torch.rand(n_head))  # (nh,) scale
+        self.r2 = nn.Parameter(torch.rand(n_head) * 2)  # (nh,) exponent
 
-    def _xpos_tables(self, length: int, device: torch.device, dtype: torch.dtype) -> tuple:
-        """Query tables (cos, sin) * scale and key tables / scale, each (length, hs/2)."""
-        cos, sin = ropelm.build_rope_cache(
-            length, self.head_size, self.rope_theta, dtype=torch.float64, device=device
-        )  # (L, hs/2) each
-        half = self.head_size // 2
-        pair = torch.arange(half, dtype=torch.float64, device=device)
-        zeta = (pair / half + self.options.gamma) / (1 + self.options.gamma)  # (hs/2,)
-        position = torch.arange(length, dtype=torch.float64, device=device)[:, None]
-        scale = zeta ** (position / self.options.scale_base)  # (L, hs/2)
-        return tuple(t.to(dtype) for t in (cos * scale, sin * scale, cos / scale, sin / scale))
-
-    def position_qk(
-        self, q: torch.Tensor, k: torch.Tensor, start: int
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        # q, k (B, nh, T, hs) at positions start .. start + T - 1
-        q_cos, q_sin, k_cos, k_sin = self.tables.get(
-            start, start + q.size(2), q.device, torch.float32
-        )
-        return ropelm.apply_rotary_emb(q, q_cos, q_sin), ropelm.apply_rotary_emb(k, k_cos, k_sin)
+    def forward(self, score, b, h, q_idx, kv_idx):
+        r1 = self.r1[h].clamp(min=self.eps)
+        r2 = self.r2[h].clamp(min=self.eps, max=2.0)
+        distance = (q_idx - kv_idx).abs()
+        # |d| ** r2 with 0 at d = 0; clamping the base keeps the gradient of r2 finite there
+        power = distance.clamp(min=1).to(score.dtype) ** r2 * (distance > 0)
+        return score - r1 * power
 
 
-def build(config: ropelm.ModelConfig, options: XPosOptions) -> XPosAttention:
+def build(config: ropelm.ModelConfig, options: PowerOptions) -> ropelm.SelfAttention:
     """The factory: ropelm calls it once per layer with the validated options."""
-    return XPosAttention(config, options)
+    return ropelm.SelfAttention(
+        config,
+        n_kv_head=options.n_kv_head,
+        softcap=options.softcap,
+        score_mod=PowerBias(config.n_head, options.eps),
+    )
 
 
 @ropelm.hookimpl
 def ropelm_register_attention(register: Callable[[ropelm.AttentionSpec], None]) -> None:
     register(
         ropelm.AttentionSpec(
-            name="xPos",
-            description="RoPE with an exponential decay by distance (length-extrapolatable).",
-            reference="https://arxiv.org/abs/2212.10554",
+            name="KERPLE-Power",
+            description="Learnable power-law distance bias per head, -r1 |i - j|^r2.",
+            reference="https://arxiv.org/abs/2205.09921",
             factory=build,
-            options=XPosOptions,
-            capabilities=ropelm.Capabilities(causal=True, kv_cache=True, extrapolates=True),
+            options=PowerOptions,
+            capabilities=ropelm.Capabilities(
+                causal=True, kv_cache=True, extrapolates=True, document_mask=True
+            ),
         )
     )

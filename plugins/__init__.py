@@ -13,4 +13,6 @@ BUILTIN_MODULES: tuple[str, ...] = (
     "ropelm.plugins.sinusoidal_ape",
     "ropelm.plugins.rope_linear",
     "ropelm.plugins.rope_sliding",
+    "ropelm.plugins.t5_bias",
+    "ropelm.plugins.kerple",
 )

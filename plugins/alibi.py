@@ -6,27 +6,29 @@ Extrapolation, Press et al., 2022. https://arxiv.org/abs/2108.12409
 Each head h adds the bias ``-m_h * (i - j)`` to the score of query i for key j
 (j <= i), so attention decays linearly with distance at a head-specific rate.
 The slopes m_h form the geometric sequence of the paper: for n heads (a power of
-two) ``m_h = 2 ** (-8 h / n)``, h = 1..n; otherwise the n' = 2 ** floor(log2 n)
-slopes of n' heads followed by every other slope of 2 n' heads, until n are taken
+two) ``m_h = 2 ** (-8 h / n)``, h = 1..n; otherwise the c = 2 ** floor(log2 n)
+slopes of c heads followed by every other slope of 2 c heads, until n are taken
 (the rule of the reference implementation).
 
-The bias (with -inf above the diagonal) goes to SDPA as an additive float mask of
-shape (1, nh, T, L) -- a 4-D mask keeps PyTorch's fused CPU kernel, a 3-D one was
-measured 2-3x slower. Biases use absolute query/key positions, so decoding with
-the KV cache is exact; there is no length limit (extrapolates).
+The bias is a ``score_mod`` (:func:`alibi_score_mod`): FlexAttention applies it
+inside its fused kernel, the dense backend materializes it once per length and
+skips the causal upper triangle. The slope is computed from the head index in
+float32 (no table to keep on a device or to round to bf16). Biases use absolute
+query/key positions, so decoding with the KV cache is exact; there is no length
+limit (extrapolates).
 """
 
 from __future__ import annotations
 
-import functools
 import math
 
 import torch
-import torch.nn.functional as F
 
 import ropelm
-from ropelm.attention import KVHeadOptions, SelfAttention
+from ropelm.attention import SoftmaxOptions
 from ropelm.config import ModelConfig
+from ropelm.masks import ScoreMod
+from ropelm.self_attention import SelfAttention
 
 
 def alibi_slopes(n_head: int) -> list[float]:
@@ -44,40 +46,34 @@ def alibi_slopes(n_head: int) -> list[float]:
     return power_of_two(closest) + alibi_slopes(2 * closest)[0::2][: n_head - closest]
 
 
-@functools.lru_cache(maxsize=8)
-def alibi_mask(
-    n_head: int, start: int, t_query: int, t_key: int, device: torch.device, dtype: torch.dtype
-) -> torch.Tensor:
-    """Additive mask (1, nh, T, L): -m_h * (i - j) for key j <= query i, else -inf.
+def alibi_score_mod(n_head: int) -> ScoreMod:
+    """score - m_h * (q_idx - kv_idx), with m_h the paper's slope of head h (0-based).
 
-    Queries sit at positions start..start+T-1, keys at 0..L-1. Built lazily and
-    kept in a small cache shared by every layer (one copy per shape, not one per
-    layer), never as a module buffer: ``Module.to`` must not cast it and
-    checkpoints must not hold it. Training reuses one entry; each decoding step
-    needs a new one, which is cheap (T = 1).
+    The first c = 2 ** floor(log2 n) heads take 2 ** (-8 (h + 1) / c); the others
+    the odd-numbered slopes of 2 c heads, 2 ** (-4 (2 (h - c) + 1) / c).
     """
-    query_pos = torch.arange(start, start + t_query, device=device)[:, None]
-    key_pos = torch.arange(t_key, device=device)[None, :]
-    distance = (query_pos - key_pos).float()  # (T, L), i - j
-    slopes = torch.tensor(alibi_slopes(n_head), device=device)[:, None, None]  # (nh, 1, 1)
-    bias = (-slopes * distance).masked_fill(distance < 0, float("-inf"))  # (nh, T, L)
-    return bias.to(dtype).unsqueeze(0)  # (1, nh, T, L)
+    closest = 2 ** math.floor(math.log2(n_head))
+
+    def alibi(score: torch.Tensor, b: torch.Tensor, h: torch.Tensor,
+              q_idx: torch.Tensor, kv_idx: torch.Tensor) -> torch.Tensor:  # fmt: skip
+        head = h.to(torch.float32)
+        slope = torch.where(
+            head < closest,
+            torch.exp2(-8.0 * (head + 1) / closest),
+            torch.exp2(-4.0 * (2 * (head - closest) + 1) / closest),
+        )
+        return score - slope * (q_idx - kv_idx)
+
+    return alibi
 
 
-class AlibiAttention(SelfAttention):
-    """Causal softmax attention with ALiBi's per-head linear distance bias."""
-
-    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start: int) -> torch.Tensor:
-        # q (B, nh, T, hs); k, v (B, nkv, start + T, hs)
-        mask = alibi_mask(self.n_head, start, q.size(2), k.size(2), q.device, q.dtype)
-        dropout_p = self.dropout if self.training else 0.0
-        return F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, dropout_p=dropout_p, enable_gqa=self.gqa
-        )  # (B, nh, T, hs)
-
-
-def build(config: ModelConfig, options: KVHeadOptions) -> AlibiAttention:
-    return AlibiAttention(config, n_kv_head=options.n_kv_head)
+def build(config: ModelConfig, options: SoftmaxOptions) -> SelfAttention:
+    return SelfAttention(
+        config,
+        n_kv_head=options.n_kv_head,
+        softcap=options.softcap,
+        score_mod=alibi_score_mod(config.n_head),
+    )
 
 
 @ropelm.hookimpl
@@ -85,10 +81,12 @@ def ropelm_register_attention(register):
     register(
         ropelm.AttentionSpec(
             name="ALiBi",
-            description="Per-head linear distance bias on causal softmax scores (SDPA mask).",
+            description="Per-head linear distance bias on causal softmax scores (score_mod).",
             reference="https://arxiv.org/abs/2108.12409",
             factory=build,
-            options=KVHeadOptions,
-            capabilities=ropelm.Capabilities(causal=True, kv_cache=True, extrapolates=True),
+            options=SoftmaxOptions,
+            capabilities=ropelm.Capabilities(
+                causal=True, kv_cache=True, extrapolates=True, document_mask=True
+            ),
         )
     )

@@ -18,9 +18,10 @@ import torch
 from torch import nn
 
 import ropelm
-from ropelm.attention import KVHeadOptions, SelfAttention
+from ropelm.attention import SoftmaxOptions
 from ropelm.config import ModelConfig
 from ropelm.errors import ConfigError
+from ropelm.self_attention import SelfAttention
 
 
 class LearnedPositionEmbedding(nn.Embedding):
@@ -41,12 +42,12 @@ class LearnedPositionEmbedding(nn.Embedding):
         return super().forward(positions)  # (T, C)
 
 
-def build(config: ModelConfig, options: KVHeadOptions) -> SelfAttention:
-    return SelfAttention(config, n_kv_head=options.n_kv_head)
+def build(config: ModelConfig, options: SoftmaxOptions) -> SelfAttention:
+    return SelfAttention(config, n_kv_head=options.n_kv_head, softcap=options.softcap)
 
 
 def build_position_embedding(
-    config: ModelConfig, options: KVHeadOptions
+    config: ModelConfig, options: SoftmaxOptions
 ) -> LearnedPositionEmbedding:
     return LearnedPositionEmbedding(config.block_size, config.n_embd)
 
@@ -60,9 +61,13 @@ def ropelm_register_attention(register):
             reference="https://cdn.openai.com/better-language-models/"
             "language_models_are_unsupervised_multitask_learners.pdf",
             factory=build,
-            options=KVHeadOptions,
+            options=SoftmaxOptions,
             capabilities=ropelm.Capabilities(
-                causal=True, kv_cache=True, extrapolates=False, input_position_embedding=True
+                causal=True,
+                kv_cache=True,
+                extrapolates=False,
+                input_position_embedding=True,
+                document_mask=True,
             ),
             position_embedding=build_position_embedding,
         )

@@ -38,12 +38,11 @@ import math
 
 import torch
 import torch.nn.functional as F
-from ropelm.plugins.rope_sm import check_even_head_size
 
 import ropelm
-from ropelm.attention import SelfAttention
 from ropelm.config import ModelConfig
-from ropelm.rope import RopeTables, apply_rotary_emb
+from ropelm.rope import RopeTables, apply_rotary_emb, check_even_head_size
+from ropelm.self_attention import SelfAttention
 
 
 @dataclasses.dataclass(frozen=True)
@@ -129,6 +128,30 @@ def causal_linear_attention(
     return y, S_last, z[:, :, -1]
 
 
+def document_linear_attention(
+    q_rot: torch.Tensor,
+    k_rot: torch.Tensor,
+    phi_q: torch.Tensor,
+    phi_k: torch.Tensor,
+    v: torch.Tensor,
+    document_ids: torch.Tensor,
+    eps: float,
+) -> torch.Tensor:
+    """Causal linear attention within documents, (B, nh, T, hs), in its quadratic form.
+
+    The running sums would have to restart at every document boundary inside a
+    chunk; the (T, T) form with the block-causal mask computes the same sums
+    directly (O(T^2), used only with ``train.document_mask``).
+    """
+    T = q_rot.size(2)
+    causal = torch.ones(T, T, dtype=torch.bool, device=q_rot.device).tril()
+    same = (document_ids[:, :, None] == document_ids[:, None, :]) & causal  # (B, T, T)
+    keep = same[:, None].to(q_rot.dtype)  # (B, 1, T, T)
+    num = ((q_rot @ k_rot.transpose(-1, -2)) * keep) @ v  # (B, nh, T, hs)
+    denom = ((phi_q @ phi_k.transpose(-1, -2)) * keep).sum(-1, keepdim=True) + eps
+    return num / denom
+
+
 class RoPELinearAttention(SelfAttention):
     """Causal linear attention (phi = elu + 1) with RoPE applied to the features."""
 
@@ -138,7 +161,12 @@ class RoPELinearAttention(SelfAttention):
         self.eps = options.eps
         self.rope = RopeTables(self.head_size, base=config.rope_theta)
 
-    def forward(self, x: torch.Tensor, cache: LinearAttentionState | None = None) -> torch.Tensor:
+    def forward(
+        self,
+        x: torch.Tensor,
+        cache: LinearAttentionState | None = None,
+        document_ids: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         q, k, v = self.project_qkv(x)  # (B, nh, T, hs) each
         compute = torch.promote_types(q.dtype, torch.float32)
         start = cache.length if cache is not None else 0
@@ -146,6 +174,11 @@ class RoPELinearAttention(SelfAttention):
         phi_k = F.elu(k.to(compute)) + 1.0
         cos, sin = self.rope.get(start, start + q.size(2), q.device, compute)  # (T, hs/2)
         q_rot, k_rot = apply_rotary_emb(phi_q, cos, sin), apply_rotary_emb(phi_k, cos, sin)
+        if document_ids is not None:
+            y = document_linear_attention(
+                q_rot, k_rot, phi_q, phi_k, v.to(compute), document_ids, self.eps
+            )  # (B, nh, T, hs)
+            return self.project_out(y.to(x.dtype))
         state = (cache.S, cache.z) if cache is not None else None
         y, S, z = causal_linear_attention(
             q_rot, k_rot, phi_q, phi_k, v.to(compute), self.chunk_size, self.eps, state
@@ -175,6 +208,8 @@ def ropelm_register_attention(register):
             reference="https://arxiv.org/abs/2104.09864",
             factory=build,
             options=RoPELinearOptions,
-            capabilities=ropelm.Capabilities(causal=True, kv_cache=True, extrapolates=True),
+            capabilities=ropelm.Capabilities(
+                causal=True, kv_cache=True, extrapolates=True, document_mask=True
+            ),
         )
     )

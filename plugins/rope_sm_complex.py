@@ -7,20 +7,19 @@ Each consecutive feature pair (x_{2i}, x_{2i+1}) is read as the complex number
 x_{2i} + i x_{2i+1} and multiplied by e^{i m theta_i}. This is the same rotation
 as ``RoPE-SM`` (same pairing, same angles); it exists to cross-check the real
 form, and the two are tested to agree to 1e-5 (float32) and 1e-10 (float64).
-It takes the same options as ``RoPE-SM`` (:class:`RoPEOptions`: grouped-query
-attention and context-extension scaling); with YaRN the unit complex numbers get
-the magnitude 0.1 ln(s) + 1, exactly like the real tables.
+It takes the same options as ``RoPE-SM`` (:class:`ropelm.rope.RoPEOptions`:
+grouped-query attention, soft-cap and context-extension scaling); with YaRN the
+unit complex numbers get the magnitude 0.1 ln(s) + 1, exactly like the real tables.
 """
 
 from __future__ import annotations
 
 import torch
-from ropelm.plugins.rope_sm import RoPEOptions, check_even_head_size
 
 import ropelm
-from ropelm.attention import SelfAttention
 from ropelm.config import ModelConfig
-from ropelm.rope import RopeScaling, rope_angles
+from ropelm.rope import RoPEOptions, RopeScaling, check_even_head_size, rope_angles
+from ropelm.self_attention import SelfAttention
 from ropelm.tables import PositionTables
 
 
@@ -41,33 +40,34 @@ def apply_rotary_emb_complex(x: torch.Tensor, rotation: torch.Tensor) -> torch.T
     return torch.view_as_real(rotated).flatten(-2).to(x.dtype)  # (B, nh, T, hs)
 
 
-class ComplexRoPEAttention(SelfAttention):
-    """Causal softmax attention with RoPE applied as a complex multiplication."""
+class ComplexRotaryEmbedding:
+    """RoPE by complex multiplication, as the rotation part of a SelfAttention."""
 
-    def __init__(self, config: ModelConfig, options: RoPEOptions) -> None:
-        super().__init__(config, n_kv_head=options.n_kv_head)
-        self.rope_theta = config.rope_theta
-        self.scaling = options.rope_scaling(config)
-        self.rotation = PositionTables(self._make_rotation)
+    def __init__(self, head_dim: int, base: float, scaling: RopeScaling | None) -> None:
+        self.head_dim, self.base, self.scaling = head_dim, base, scaling
+        self.tables = PositionTables(self._make)
 
-    def _make_rotation(
-        self, length: int, device: torch.device, dtype: torch.dtype
-    ) -> tuple[torch.Tensor]:
-        rotation = complex_rotation(length, self.head_size, self.rope_theta, self.scaling, device)
+    def _make(self, length: int, device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor]:
+        rotation = complex_rotation(length, self.head_dim, self.base, self.scaling, device)
         return (rotation.to(dtype),)
 
-    def position_qk(
+    def __call__(
         self, q: torch.Tensor, k: torch.Tensor, start: int
     ) -> tuple[torch.Tensor, torch.Tensor]:
         # complex64 tables for float32 and narrower inputs, complex128 for float64
         dtype = torch.complex128 if q.dtype == torch.float64 else torch.complex64
-        (rotation,) = self.rotation.get(start, start + q.size(2), q.device, dtype)  # (T, hs/2)
+        (rotation,) = self.tables.get(start, start + q.size(2), q.device, dtype)  # (T, hs/2)
         return apply_rotary_emb_complex(q, rotation), apply_rotary_emb_complex(k, rotation)
 
 
-def build(config: ModelConfig, options: RoPEOptions) -> ComplexRoPEAttention:
+def build(config: ModelConfig, options: RoPEOptions) -> SelfAttention:
     check_even_head_size(config, "RoPE-SM-complex")
-    return ComplexRoPEAttention(config, options)
+    rotation = ComplexRotaryEmbedding(
+        config.head_size, config.rope_theta, options.rope_scaling(config)
+    )
+    return SelfAttention(
+        config, n_kv_head=options.n_kv_head, softcap=options.softcap, rotation=rotation
+    )
 
 
 @ropelm.hookimpl
@@ -79,6 +79,8 @@ def ropelm_register_attention(register):
             reference="https://arxiv.org/abs/2104.09864",
             factory=build,
             options=RoPEOptions,
-            capabilities=ropelm.Capabilities(causal=True, kv_cache=True, extrapolates=True),
+            capabilities=ropelm.Capabilities(
+                causal=True, kv_cache=True, extrapolates=True, document_mask=True
+            ),
         )
     )

@@ -34,9 +34,10 @@ import torch
 from torch import nn
 
 import ropelm
-from ropelm.attention import KVHeadOptions, SelfAttention
+from ropelm.attention import SoftmaxOptions
 from ropelm.config import ModelConfig
 from ropelm.errors import ConfigError
+from ropelm.self_attention import SelfAttention
 from ropelm.tables import PositionTables
 
 #: RMS of the sinusoids equal to the token embeddings' init std (0.02); see the module doc.
@@ -44,7 +45,7 @@ DEFAULT_SCALE = 0.02 * 2**0.5
 
 
 @dataclasses.dataclass(frozen=True)
-class SinusoidalAPEOptions(KVHeadOptions):
+class SinusoidalAPEOptions(SoftmaxOptions):
     """``model.att_options`` of Sinusoidal-APE: ``n_kv_head`` and the embedding's shape.
 
     Attributes:
@@ -95,7 +96,7 @@ class SinusoidalPositionEmbedding(nn.Module):
 
 
 def build(config: ModelConfig, options: SinusoidalAPEOptions) -> SelfAttention:
-    return SelfAttention(config, n_kv_head=options.n_kv_head)
+    return SelfAttention(config, n_kv_head=options.n_kv_head, softcap=options.softcap)
 
 
 def build_position_embedding(
@@ -119,7 +120,11 @@ def ropelm_register_attention(register):
             factory=build,
             options=SinusoidalAPEOptions,
             capabilities=ropelm.Capabilities(
-                causal=True, kv_cache=True, extrapolates=True, input_position_embedding=True
+                causal=True,
+                kv_cache=True,
+                extrapolates=True,
+                input_position_embedding=True,
+                document_mask=True,
             ),
             position_embedding=build_position_embedding,
         )

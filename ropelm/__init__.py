@@ -21,7 +21,7 @@ from ropelm.errors import (
     PluginError,
     RopelmError,
     UnknownAttentionError,
-    UnsupportedShapeError,
+    UnsupportedModelError,
 )
 from ropelm.hookspecs import hookimpl
 
@@ -32,15 +32,17 @@ _LAZY = {
     "AttentionLayer": "ropelm.attention",
     "AttentionSpec": "ropelm.attention",
     "Capabilities": "ropelm.attention",
-    "KVCache": "ropelm.attention",
-    "KVHeadOptions": "ropelm.attention",
+    "KVCache": "ropelm.self_attention",
     "ResolvedAttention": "ropelm.attention",
-    "SelfAttention": "ropelm.attention",
+    "SelfAttention": "ropelm.self_attention",
+    "SoftmaxOptions": "ropelm.attention",
     "ModelConfig": "ropelm.config",
     "DecodeState": "ropelm.model",
     "TransformerLM": "ropelm.model",
     "Registry": "ropelm.registry",
     "PositionTables": "ropelm.tables",
+    "RoPEOptions": "ropelm.rope",
+    "RotaryEmbedding": "ropelm.rope",
     "apply_rotary_emb": "ropelm.rope",
     "build_rope_cache": "ropelm.rope",
 }
@@ -50,15 +52,14 @@ if TYPE_CHECKING:
         AttentionLayer,
         AttentionSpec,
         Capabilities,
-        KVCache,
-        KVHeadOptions,
         ResolvedAttention,
-        SelfAttention,
+        SoftmaxOptions,
     )
     from ropelm.config import ModelConfig
     from ropelm.model import DecodeState, TransformerLM
     from ropelm.registry import Registry
-    from ropelm.rope import apply_rotary_emb, build_rope_cache
+    from ropelm.rope import RoPEOptions, RotaryEmbedding, apply_rotary_emb, build_rope_cache
+    from ropelm.self_attention import KVCache, SelfAttention
     from ropelm.tables import PositionTables
 
 
@@ -84,17 +85,19 @@ __all__ = [
     "DataError",
     "DecodeState",
     "KVCache",
-    "KVHeadOptions",
     "ModelConfig",
     "PluginError",
     "PositionTables",
     "Registry",
     "ResolvedAttention",
+    "RoPEOptions",
     "RopelmError",
+    "RotaryEmbedding",
     "SelfAttention",
+    "SoftmaxOptions",
     "TransformerLM",
     "UnknownAttentionError",
-    "UnsupportedShapeError",
+    "UnsupportedModelError",
     "apply_rotary_emb",
     "build_rope_cache",
     "hookimpl",

@@ -20,9 +20,12 @@ Layers of variants that declare ``Capabilities(kv_cache=True)`` also implement
 cache as ``forward(x, cache=cache)`` for incremental decoding.
 
 Most variants only change how queries and keys carry position, or how scores
-are turned into weights: subclass :class:`SelfAttention` and override
-:meth:`SelfAttention.position_qk` or :meth:`SelfAttention.attend`. Variants that
-only need grouped-query attention take :class:`KVHeadOptions` as their options.
+become weights: their factory returns a :class:`ropelm.SelfAttention` built
+from parts (a rotation of q and k, a ``score_mod``, a ``mask_mod``, see
+:mod:`ropelm.masks`), which runs on the fastest backend that can
+(:mod:`ropelm.kernels`). A variant that is not a softmax over scores (linear
+attention) returns its own module: the escape hatch. Softmax variants take
+:class:`SoftmaxOptions` (grouped-query attention, logit soft-cap) or a subclass.
 """
 
 from __future__ import annotations
@@ -33,23 +36,26 @@ from typing import Any, Protocol
 
 import pydantic
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ropelm.config import ModelConfig
-from ropelm.errors import ConfigError, PluginError, UnsupportedShapeError, did_you_mean
+from ropelm.errors import ConfigError, PluginError, UnsupportedModelError, did_you_mean
 
 
 class AttentionLayer(Protocol):
     """What the model needs from the module an :class:`AttentionSpec` factory builds.
 
-    ``forward(x, cache=None)`` maps hidden states (B, T, C) to (B, T, C); with a
-    cache it continues the sequence the cache holds. ``init_cache`` is needed
-    only when the spec declares ``Capabilities(kv_cache=True)``; the cache it
-    returns is any object with a ``length`` (positions consumed so far).
+    ``forward(x, cache=None, document_ids=None)`` maps hidden states (B, T, C) to
+    (B, T, C); with a cache it continues the sequence the cache holds; with
+    ``document_ids`` (B, T) a query attends only to keys of its own document
+    (asked for only when the spec declares ``Capabilities(document_mask=True)``).
+    ``init_cache`` is needed only when the spec declares ``kv_cache=True``; the
+    cache it returns is any object with a ``length`` (positions consumed so far).
     """
 
-    def __call__(self, x: torch.Tensor, cache: Any | None = None) -> torch.Tensor: ...
+    def __call__(
+        self, x: torch.Tensor, cache: Any | None = None, document_ids: torch.Tensor | None = None
+    ) -> torch.Tensor: ...
 
     def init_cache(
         self, batch_size: int, max_len: int, device: torch.device, dtype: torch.dtype
@@ -66,12 +72,15 @@ class Capabilities:
         extrapolates: designed to run on sequences longer than ``block_size``.
         input_position_embedding: the variant adds a position embedding at the
             model input (``AttentionSpec.position_embedding``).
+        document_mask: the module takes ``document_ids`` and keeps attention within
+            documents (``train.document_mask``); :class:`ropelm.SelfAttention` does.
     """
 
     causal: bool = True
     kv_cache: bool = True
     extrapolates: bool = False
     input_position_embedding: bool = False
+    document_mask: bool = False
 
     def as_dict(self) -> dict[str, bool]:
         return dataclasses.asdict(self)
@@ -215,7 +224,7 @@ class ResolvedAttention:
 
         Raises:
             ConfigError: a bad option.
-            UnsupportedShapeError: a model shape the variant rejects (a ConfigError too).
+            UnsupportedModelError: a model shape the variant rejects (a ConfigError too).
             PluginError: the factory built something that is not an attention layer.
         """
         if config.att_type != spec.name:
@@ -226,7 +235,7 @@ class ResolvedAttention:
                 layer = resolved.build_layer(config)
                 resolved.build_position_embedding(config)
         except ConfigError as err:
-            raise UnsupportedShapeError(str(err)) from None
+            raise UnsupportedModelError(str(err)) from None
         cache_missing = spec.capabilities.kv_cache and not callable(
             getattr(layer, "init_cache", None)
         )
@@ -254,157 +263,23 @@ class ResolvedAttention:
 
 
 @dataclasses.dataclass(frozen=True)
-class KVHeadOptions:
-    """``model.att_options`` of variants whose only option is grouped-query attention.
+class SoftmaxOptions:
+    """``model.att_options`` every softmax-attention variant takes (subclass it to add yours).
 
     Attributes:
         n_kv_head: key/value heads (None: n_head); must divide n_head. ``n_kv_head``
             < ``n_head`` is grouped-query attention (https://arxiv.org/abs/2305.13245),
             1 is multi-query attention (https://arxiv.org/abs/1911.02150). Changes the
             shape of ``c_attn``, so it must match the checkpoint.
+        softcap: cap c of the attention logits, c * tanh(score / c) (Gemma 2,
+            https://arxiv.org/abs/2408.00118); None: no cap.
     """
 
     n_kv_head: int | None = None
+    softcap: float | None = None
 
     def __post_init__(self) -> None:
         if self.n_kv_head is not None and self.n_kv_head < 1:
             raise ValueError(f"n_kv_head must be >= 1 (or unset for n_head), got {self.n_kv_head}")
-
-
-class KVCache:
-    """Keys and values of one attention layer, preallocated for ``max_len`` positions.
-
-    ``n_head`` is the number of key/value heads stored: ``n_kv_head`` under
-    grouped-query attention.
-    """
-
-    def __init__(
-        self,
-        batch_size: int,
-        n_head: int,
-        max_len: int,
-        head_size: int,
-        device: torch.device | str | None = None,
-        dtype: torch.dtype = torch.float32,
-    ) -> None:
-        shape = (batch_size, n_head, max_len, head_size)
-        self.k = torch.zeros(shape, device=device, dtype=dtype)  # (B, nh, max_len, hs)
-        self.v = torch.zeros(shape, device=device, dtype=dtype)
-        self.length = 0  # positions filled so far; also the position of the next token
-
-    @property
-    def max_len(self) -> int:
-        return self.k.size(2)
-
-    def append(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Store ``k, v`` of shape (B, nh, T, hs); return all keys and values so far."""
-        end = self.length + k.size(2)
-        if end > self.max_len:
-            raise ValueError(f"KV cache holds {self.max_len} positions; cannot grow to {end}.")
-        self.k[:, :, self.length : end] = k
-        self.v[:, :, self.length : end] = v
-        self.length = end
-        return self.k[:, :, :end], self.v[:, :, :end]
-
-
-def causal_mask(t_query: int, start: int, device: torch.device) -> torch.Tensor:
-    """Boolean mask (T, start + T): query i (at position start + i) sees keys 0..start + i."""
-    query_pos = torch.arange(start, start + t_query, device=device)[:, None]
-    key_pos = torch.arange(start + t_query, device=device)[None, :]
-    return key_pos <= query_pos
-
-
-class SelfAttention(nn.Module):
-    """Causal multi-head self-attention: fused QKV projection, SDPA, output projection.
-
-    Subclasses give it a position scheme by overriding :meth:`position_qk`, or a
-    different score-to-weight rule by overriding :meth:`attend`. The base class
-    itself has no position information (NoPE).
-
-    ``n_kv_head`` < ``n_head`` gives grouped-query attention (Ainslie et al., 2023,
-    https://arxiv.org/abs/2305.13245; ``n_kv_head=1`` is multi-query attention, Shazeer,
-    2019, https://arxiv.org/abs/1911.02150): query head h reads key/value head
-    ``h // (n_head // n_kv_head)``. The projection stays one fused ``c_attn`` whose
-    rows are [q (n_head * hs), k (n_kv_head * hs), v (n_kv_head * hs)], so with
-    ``n_kv_head == n_head`` the parameters and checkpoint layout are the plain MHA ones.
-    """
-
-    def __init__(self, config: ModelConfig, n_kv_head: int | None = None) -> None:
-        super().__init__()
-        self.n_head = config.n_head
-        self.n_kv_head = config.n_head if n_kv_head is None else n_kv_head
-        if self.n_kv_head < 1 or config.n_head % self.n_kv_head:
-            raise ConfigError(
-                f"model.att_options.n_kv_head: must divide n_head ({config.n_head}), "
-                f"got {self.n_kv_head}; use a divisor such as 1 (MQA) or {config.n_head} (MHA)."
-            )
-        self.head_size = config.n_embd // config.n_head
-        self.dropout = config.dropout
-        kv_dim = self.n_kv_head * self.head_size
-        self.qkv_sizes = (config.n_embd, kv_dim, kv_dim)
-        self.c_attn = nn.Linear(config.n_embd, sum(self.qkv_sizes), bias=config.bias)
-        self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
-        self.resid_dropout = nn.Dropout(config.dropout)
-
-    @property
-    def gqa(self) -> bool:
-        """True when keys and values have fewer heads than queries."""
-        return self.n_kv_head != self.n_head
-
-    def project_qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Queries (B, nh, T, hs), keys and values (B, n_kv_head, T, hs) of x (B, T, C)."""
-        B, T, _ = x.shape
-        q, k, v = self.c_attn(x).split(self.qkv_sizes, dim=2)
-        q = q.view(B, T, self.n_head, self.head_size).transpose(1, 2)  # (B, nh, T, hs)
-        k = k.view(B, T, self.n_kv_head, self.head_size).transpose(1, 2)  # (B, nkv, T, hs)
-        v = v.view(B, T, self.n_kv_head, self.head_size).transpose(1, 2)  # (B, nkv, T, hs)
-        return q, k, v
-
-    def project_out(self, y: torch.Tensor) -> torch.Tensor:
-        """Merge heads of y (B, nh, T, hs) and project back to (B, T, C)."""
-        B, _, T, _ = y.shape
-        y = y.transpose(1, 2).reshape(B, T, self.n_head * self.head_size)  # (B, T, C)
-        return self.resid_dropout(self.c_proj(y))
-
-    def repeat_kv(self, x: torch.Tensor) -> torch.Tensor:
-        """Expand keys or values (B, n_kv_head, L, hs) to (B, nh, L, hs), for manual maths.
-
-        SDPA does not need this: pass ``enable_gqa=self.gqa`` instead (no copy).
-        """
-        if not self.gqa:
-            return x
-        return x.repeat_interleave(self.n_head // self.n_kv_head, dim=1)
-
-    def forward(self, x: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
-        q, k, v = self.project_qkv(x)  # (B, nh, T, hs), (B, nkv, T, hs) x 2
-        start = cache.length if cache is not None else 0
-        q, k = self.position_qk(q, k, start)
-        if cache is not None:
-            k, v = cache.append(k, v)  # (B, nkv, start + T, hs)
-        y = self.attend(q, k, v, start)  # (B, nh, T, hs)
-        return self.project_out(y)
-
-    def position_qk(
-        self, q: torch.Tensor, k: torch.Tensor, start: int
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Give queries and keys (B, nh, T, hs) at positions start..start+T-1 their position."""
-        return q, k
-
-    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start: int) -> torch.Tensor:
-        """Causal softmax attention of q (B, nh, T, hs) over k, v (B, nkv, start + T, hs)."""
-        dropout_p = self.dropout if self.training else 0.0
-        t_query = q.size(2)
-        if start == 0:
-            mask, is_causal = None, True
-        elif t_query == 1:  # one new token sees every cached key
-            mask, is_causal = None, False
-        else:
-            mask, is_causal = causal_mask(t_query, start, q.device), False
-        return F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, dropout_p=dropout_p, is_causal=is_causal, enable_gqa=self.gqa
-        )
-
-    def init_cache(
-        self, batch_size: int, max_len: int, device: torch.device, dtype: torch.dtype
-    ) -> KVCache:
-        return KVCache(batch_size, self.n_kv_head, max_len, self.head_size, device, dtype)
+        if self.softcap is not None and not self.softcap > 0:
+            raise ValueError(f"softcap must be > 0 (or unset for no cap), got {self.softcap}")

@@ -61,7 +61,7 @@ import torch
 
 from ropelm.attention import ResolvedAttention
 from ropelm.config import ModelConfig
-from ropelm.errors import RopelmError, UnsupportedShapeError
+from ropelm.errors import RopelmError, UnsupportedModelError
 from ropelm.model import TransformerLM
 from ropelm.recipe import Precision, resolve_precision
 from ropelm.registry import Registry
@@ -185,7 +185,7 @@ class _Candidate:
         )
         try:
             return cls(choice, config, registry.resolve(config))
-        except UnsupportedShapeError as err:  # e.g. an odd head size for RoPE
+        except UnsupportedModelError as err:  # e.g. an odd head size for RoPE
             return cls(choice, config, None, str(err).splitlines()[0])
 
     def build_on(self, device: torch.device) -> None:
@@ -302,6 +302,7 @@ def _measure_length(
     live = [c for c in candidates if c.model is not None]
     fwd: dict[str, list[float]] = {c.choice.label: [] for c in live}
     fwd_bwd: dict[str, list[float]] = {c.choice.label: [] for c in live}
+    backends: dict[str, dict[str, str]] = {}
     failed: dict[str, str] = {c.choice.label: c.reason for c in candidates if c.model is None}
     for number in range(warmup + rounds):
         order = live if number % 2 == 0 else list(reversed(live))
@@ -310,10 +311,13 @@ def _measure_length(
             if label in failed:
                 continue
             try:
-                f, fb = timed(forward, c.model), timed(forward_backward, c.model)
+                f = timed(forward, c.model)
+                fwd_backend = c.model.attention_backend()
+                fb = timed(forward_backward, c.model)
             except (RopelmError, RuntimeError) as err:  # cannot run at T, out of memory
                 failed[label] = str(err).splitlines()[0]
                 continue
+            backends[label] = {"fwd": fwd_backend, "fwd_bwd": c.model.attention_backend()}
             if number >= warmup:
                 fwd[label].append(f)
                 fwd_bwd[label].append(fb)
@@ -337,6 +341,8 @@ def _measure_length(
         fwd_s, fwd_bwd_s = statistics.median(fwd[label]), statistics.median(fwd_bwd[label])
         row |= {
             "status": "ok",
+            "fwd_backend": backends[label]["fwd"],
+            "fwd_bwd_backend": backends[label]["fwd_bwd"],
             "fwd_ms": fwd_s * 1e3,
             "fwd_bwd_ms": fwd_bwd_s * 1e3,
             "fwd_tokens_per_s": tokens / fwd_s,
@@ -377,16 +383,20 @@ def format_bench_table(bench: dict[str, Any]) -> str:
     rows = []
     for r in bench["results"]:
         if r["status"] != "ok":
-            rows.append([r["device"], r["T"], r["variant"], "n/a", "", "", "", "", r["reason"]])
+            rows.append([r["device"], r["T"], r["variant"], "", "n/a", "", "", "", "", "",
+                         r["reason"]])  # fmt: skip
             continue
+        backends = {r.get("fwd_backend", ""), r.get("fwd_bwd_backend", "")} - {""}
         rows.append([
-            r["device"], r["T"], r["variant"], f"{r['fwd_tokens_per_s']:,.0f}",
+            r["device"], r["T"], r["variant"], "/".join(sorted(backends)),
+            f"{r['fwd_tokens_per_s']:,.0f}",
+            f"{r['fwd_ratio_vs_ref']:.2f}" if "fwd_ratio_vs_ref" in r else "",
             f"{r['fwd_bwd_tokens_per_s']:,.0f}",
             f"{r['fwd_bwd_ratio_vs_ref']:.2f}" if "fwd_bwd_ratio_vs_ref" in r else "",
             f"{r['fwd_bwd_peak_mb']:.1f}" if "fwd_bwd_peak_mb" in r else "",
             f"{r['mfu']:.1%}" if "mfu" in r else "", "",
         ])  # fmt: skip
     ref = bench.get("reference") or "ref"
-    headers = ["device", "T", "variant", "fwd tok/s", "fwd+bwd tok/s", f"fwd+bwd vs {ref}",
-               "fwd+bwd peak MB", "MFU", "note"]  # fmt: skip
+    headers = ["device", "T", "variant", "backend", "fwd tok/s", f"fwd vs {ref}",
+               "fwd+bwd tok/s", f"fwd+bwd vs {ref}", "fwd+bwd peak MB", "MFU", "note"]  # fmt: skip
     return tabulate(rows, headers=headers, tablefmt="simple", disable_numparse=True)

@@ -50,6 +50,8 @@ class ModelConfig(pydantic.BaseModel):
     pad_token_id: int | None = Field(None, ge=0)
     rope_theta: float = Field(10000.0, gt=0.0)
     att_options: dict[str, Any] = Field(default_factory=dict)
+    # which kernel runs softmax attention (ropelm.kernels): auto | sdpa | flex | dense
+    attention_backend: Literal["auto", "sdpa", "flex", "dense"] = "auto"
 
     def __init__(self, **data: Any) -> None:
         try:
@@ -126,6 +128,7 @@ class TrainConfig(_Section):
     tokens_per_epoch: PositiveInt | None = None  # default: the size of the training split
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     compile: bool = False
+    document_mask: bool = False  # attend only within documents (split at <|endoftext|>)
     device: str = "auto"
     seed: int = 0
     eval_every: PositiveInt | None = None  # steps; evaluation also runs after each epoch

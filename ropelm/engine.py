@@ -34,8 +34,10 @@ from ropelm.checkpoint import (
 from ropelm.config import ModelConfig, TrainConfig
 from ropelm.data import PreparedData
 from ropelm.distributed import DistributedContext, init_distributed, resolve_device
-from ropelm.errors import RopelmError
+from ropelm.errors import ConfigError, RopelmError
 from ropelm.experiment import Experiment
+from ropelm.kernels import flex_problem
+from ropelm.masks import document_ids
 from ropelm.model import TransformerLM
 from ropelm.perplexity import evaluate_loss, perplexity
 from ropelm.recipe import (
@@ -144,6 +146,10 @@ class Trainer:
         if device.type == "cuda":
             torch.cuda.set_device(device)
         model_config = resolve_model_config(config, tokenizer.vocab_size, tokenizer.pad_id)
+        if model_config.attention_backend == "flex":  # before any work, not at the first step
+            problem = flex_problem(device, needs_grad=True, dropout_p=model_config.dropout)
+            if problem is not None:
+                raise ConfigError(problem)
         for split in (data.train, data.val):  # fail now, not after an epoch, if too small
             split.num_eval_windows(model_config.block_size)
         plan = StepPlan.build(tc, model_config.block_size, len(data.train), dist.world_size)
@@ -201,11 +207,12 @@ class Trainer:
             )
             x, y = self.data.train.windows(starts[lo:hi], block_size)
             x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+            documents = document_ids(x, self.tokenizer.eot_id) if tc.document_mask else None
             last_micro = micro == tc.grad_accum_steps - 1
             no_sync = dist.enabled and not last_micro  # all-reduce gradients once per step
             with self.train_model.no_sync() if no_sync else contextlib.nullcontext():
                 with self.precision.autocast():
-                    _, loss = self.train_model(x, y)
+                    _, loss = self.train_model(x, y, document_ids=documents)
                 self.scaler.scale(loss / tc.grad_accum_steps).backward()
             total += loss.detach()
         if tc.max_grad_norm > 0:
@@ -246,6 +253,7 @@ class Trainer:
             batch_size=eval_config.batch_size or self.train_config.batch_size,
             block_size=self.model_config.block_size, max_batches=eval_config.max_batches,
             device=self.device, autocast=self.precision.autocast, dist_ctx=self.dist,
+            eot_id=self.tokenizer.eot_id if self.train_config.document_mask else None,
         )  # fmt: skip
 
     def evaluate_untrained(self) -> None:

@@ -20,9 +20,9 @@ class ConfigError(RopelmError, ValueError):
     """An experiment or model configuration is invalid."""
 
 
-class UnsupportedShapeError(ConfigError):
-    """The attention variant cannot build a model of this shape (e.g. RoPE with an odd
-    head size); its options themselves are valid."""
+class UnsupportedModelError(ConfigError):
+    """The attention variant cannot build this model (RoPE with an odd head size, a
+    backend that cannot run it, ...), although its options themselves are valid."""
 
 
 class PluginError(RopelmError):

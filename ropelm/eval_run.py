@@ -112,6 +112,7 @@ def evaluate_run(
     methods: Iterable[str] = METHODS,
     which: str = "best",
     device: str = "auto",
+    attention_backend: str | None = None,
     out: str | Path | None = None,
 ) -> dict[str, Any]:
     """Evaluate a run at several lengths and write the result as JSON (atomically).
@@ -134,6 +135,8 @@ def evaluate_run(
         methods: a subset of :data:`ropelm.perplexity.METHODS`.
         which: ``best`` or ``last`` checkpoint.
         device: ``auto``, ``cpu``, ``cuda``, ...
+        attention_backend: the kernel to run attention on (default: the run's
+            ``model.attention_backend``, usually ``auto``); recorded per length.
         out: where to write (default ``RUN_DIR/eval.json`` or ``eval-<options>.json``).
 
     Returns:
@@ -148,6 +151,8 @@ def evaluate_run(
     model_config = model_config.model_copy(
         update={"att_options": {**model_config.att_options, **overrides}}
     )
+    if attention_backend is not None:
+        model_config = model_config.model_copy(update={"attention_backend": attention_backend})
     methods = list(methods)
     for method in methods:
         if method not in METHODS:
@@ -173,6 +178,7 @@ def evaluate_run(
     torch_device = resolve_device(device)
     precision = resolve_precision(config.train.precision, torch_device)
     models = _ModelCache(checkpoint, torch_device, resolved)
+    eot_id = data.meta["tokenizer"]["eot_id"] if config.train.document_mask else None
     window_batch = batch_size or config.eval.batch_size or config.train.batch_size
     batch_tokens = window_batch * block_size
     results: dict[str, Any] = {}
@@ -189,12 +195,13 @@ def evaluate_run(
                 }
                 continue
             step = parse_stride(stride, length) if method == "strided" else length
+            model = models.get(configs_at[label])
             try:
                 result = length_perplexity(
-                    models.get(configs_at[label]), data.val, length=length, stride=step,
+                    model, data.val, length=length, stride=step,
                     batch_size=max(1, batch_tokens // length), max_windows=max_windows,
                     max_tokens=max_tokens, device=torch_device, autocast=precision.autocast,
-                    ignore_index=model_config.pad_token_id,
+                    ignore_index=model_config.pad_token_id, eot_id=eot_id,
                 )  # fmt: skip
             except RopelmError as err:  # too little data for this length, ...
                 entry[method] = {"status": NA, "reason": str(err).rstrip(".")}
@@ -204,6 +211,7 @@ def evaluate_run(
                 "ppl": result.ppl,
                 "tokens": result.tokens,
                 "windows": result.windows,
+                "backend": model.attention_backend(),
             }
             if method == "strided":
                 entry[method]["stride"] = step
@@ -220,6 +228,7 @@ def evaluate_run(
         "max_tokens": max_tokens,
         "stride": str(stride),
         "batch_tokens": batch_tokens,
+        "document_mask": eot_id is not None,
         "device": str(torch_device),
         "results": results,
     }

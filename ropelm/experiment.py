@@ -21,6 +21,7 @@ from pathlib import Path
 
 from ropelm.attention import ResolvedAttention
 from ropelm.config import ExperimentConfig, load_experiment
+from ropelm.errors import ConfigError
 from ropelm.registry import Registry
 
 
@@ -39,11 +40,19 @@ class Experiment:
         Raises:
             ropelm.PluginError: a plugin module fails to load.
             ropelm.UnknownAttentionError: ``model.att_type`` names no variant.
-            ropelm.ConfigError: a bad ``model.att_options`` value or a shape the variant rejects.
+            ropelm.ConfigError: a bad ``model.att_options`` value, a shape or backend the variant
+                cannot run, or ``train.document_mask`` for a variant without it.
         """
         if registry is None:
             registry = Registry.default(config.plugins)
-        return cls(config, registry, registry.resolve(config.model))
+        attention = registry.resolve(config.model)
+        if config.train.document_mask and not attention.spec.capabilities.document_mask:
+            raise ConfigError(
+                f"train.document_mask: attention '{attention.name}' ({attention.source}) "
+                "does not declare capabilities.document_mask; set train.document_mask: false "
+                "or choose another variant."
+            )
+        return cls(config, registry, attention)
 
     @classmethod
     def load(cls, path: str | Path, overrides: Iterable[str] = ()) -> Experiment:

@@ -49,9 +49,14 @@ class Block(nn.Module):
         self.ln_2 = nn.LayerNorm(config.n_embd, bias=config.bias)
         self.mlp = MLP(config)
 
-    def forward(self, x: torch.Tensor, cache: Any = None) -> torch.Tensor:
-        h = self.ln_1(x)
-        x = x + (self.attn(h) if cache is None else self.attn(h, cache=cache))
+    def forward(
+        self, x: torch.Tensor, cache: Any = None, document_ids: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        # only the arguments in use reach the attention (a plugin's module may take fewer)
+        extra = {"cache": cache} if cache is not None else {}
+        if document_ids is not None:
+            extra["document_ids"] = document_ids
+        x = x + self.attn(self.ln_1(x), **extra)
         return x + self.mlp(self.ln_2(x))
 
 
@@ -122,6 +127,12 @@ class TransformerLM(nn.Module):
         elif isinstance(module, nn.Embedding):
             nn.init.normal_(module.weight, mean=0.0, std=0.02)
 
+    def attention_backend(self) -> str:
+        """The kernel attention ran on in the latest forward pass (``sdpa``, ``flex``,
+        ``dense``; ``module`` for a variant computing attention in its own module)."""
+        ran = {getattr(block.attn, "last_backend", None) or "module" for block in self.blocks}
+        return ran.pop() if len(ran) == 1 else "+".join(sorted(ran))
+
     def num_parameters(self, trainable_only: bool = False) -> int:
         return sum(p.numel() for p in self.parameters() if p.requires_grad or not trainable_only)
 
@@ -131,12 +142,15 @@ class TransformerLM(nn.Module):
         targets: torch.Tensor | None = None,
         *,
         state: DecodeState | None = None,
+        document_ids: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Logits (B, T, V) for token ids ``idx`` (B, T), and the loss if ``targets`` is given.
 
         The loss is the mean cross-entropy over target tokens other than
         ``pad_token_id``. With ``state`` (from :meth:`init_decode_state`), ``idx``
         continues the sequence held in the caches and ``state.position`` advances.
+        With ``document_ids`` (B, T) (:func:`ropelm.masks.document_ids`), attention
+        stays within documents (variants that declare ``capabilities.document_mask``).
         """
         _, T = idx.shape
         start = state.position if state is not None else 0
@@ -148,7 +162,7 @@ class TransformerLM(nn.Module):
             x = x + self.pos_emb(positions).to(x.dtype)
         x = self.drop(x)
         for i, block in enumerate(self.blocks):
-            x = block(x, state.caches[i] if state is not None else None)
+            x = block(x, state.caches[i] if state is not None else None, document_ids)
         logits = self.lm_head(self.ln_f(x))  # (B, T, V)
         if state is not None:
             state.position += T

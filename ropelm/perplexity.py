@@ -34,6 +34,7 @@ import torch.nn.functional as F
 
 from ropelm.distributed import DistributedContext
 from ropelm.errors import ConfigError
+from ropelm.masks import document_ids
 
 METHODS = ("nonoverlapping", "strided")
 
@@ -49,6 +50,7 @@ def evaluate_loss(
     device: torch.device | str = "cpu",
     autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
     dist_ctx: DistributedContext | None = None,
+    eot_id: int | None = None,
 ) -> float:
     """Mean next-token cross-entropy over the evaluation windows of ``token_file``.
 
@@ -56,7 +58,8 @@ def evaluate_loss(
     batches). As in training, ``batch_size`` is per process: under torchrun the
     processes split global batches of ``batch_size * world_size`` windows and the
     sums are reduced, so N processes with batch_size b evaluate exactly the
-    windows one process with batch_size N*b does.
+    windows one process with batch_size N*b does. With ``eot_id`` (a run trained
+    with ``train.document_mask``) attention stays within documents, as in training.
     """
     dist_ctx = dist_ctx or DistributedContext()
     was_training = model.training
@@ -70,7 +73,7 @@ def evaluate_loss(
         if x.numel() == 0:  # the last, partial batch may not reach every process
             continue
         with autocast():
-            _, loss = model(x, y)
+            _, loss = model(x, y, document_ids=_documents(x, eot_id))
         n = int((y != pad).sum()) if pad is not None else y.numel()  # the loss ignores padding
         if n == 0:  # an all-padding batch has no loss to count (the model returns nan)
             continue
@@ -81,6 +84,10 @@ def evaluate_loss(
     if total[1] == 0:
         return float("nan")
     return (total[0] / total[1]).item()
+
+
+def _documents(x: torch.Tensor, eot_id: int | None) -> torch.Tensor | None:
+    return document_ids(x, eot_id) if eot_id is not None else None
 
 
 def perplexity(loss: float) -> float:
@@ -259,6 +266,7 @@ def length_perplexity(
     device: torch.device | str = "cpu",
     autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
     ignore_index: int | None = None,
+    eot_id: int | None = None,
 ) -> LengthResult:
     """Loss and perplexity of ``model`` on windows of ``length`` tokens of ``token_file``.
 
@@ -267,7 +275,8 @@ def length_perplexity(
     targets of the first ``n`` non-overlapping windows, n capped by
     ``max_windows`` and by ``max_tokens // length``. ``batch_size`` counts
     windows per forward pass. Targets equal to ``ignore_index`` (the padding
-    id) are not scored, as in training.
+    id) are not scored, as in training; with ``eot_id``, attention stays within
+    documents (runs trained with ``train.document_mask``).
 
     Raises:
         ropelm.DataError: the split has fewer than ``length + 1`` tokens.
@@ -288,7 +297,7 @@ def length_perplexity(
         for x, y, scored in _plan_batches(token_file.tokens, plan, batch_size):
             x, y, scored = x.to(device), y.to(device), scored.to(device)
             with autocast():
-                logits, _ = model(x)  # (B, L, V)
+                logits, _ = model(x, document_ids=_documents(x, eot_id))  # (B, L, V)
             nll = F.cross_entropy(
                 logits.float().flatten(0, 1), y.flatten(), reduction="none"
             ).view_as(y)  # (B, L)

@@ -47,6 +47,9 @@ from typing import Any, Literal
 
 import torch
 
+from ropelm.attention import SoftmaxOptions
+from ropelm.config import ModelConfig
+from ropelm.errors import ConfigError
 from ropelm.tables import PositionTables, table_dtype
 
 ScalingKind = Literal["none", "linear", "ntk", "yarn"]
@@ -262,3 +265,85 @@ class RopeTables:
         """
         cos, sin = self._tables.get(start, end, device, table_dtype(x_dtype))
         return cos, sin
+
+
+class RotaryEmbedding:
+    """RoPE as the rotation part of a :class:`ropelm.SelfAttention`: (q, k, start) -> (q, k).
+
+    Queries and keys (B, nh|nkv, T, hs) at positions start..start+T-1 are rotated
+    with tables kept in float32 (float64 for float64 inputs), whatever the model's dtype.
+    """
+
+    def __init__(self, head_dim: int, base: float = 10000.0, scaling: RopeScaling | None = None):
+        self.tables = RopeTables(head_dim, base=base, scaling=scaling)
+
+    def __call__(
+        self, q: torch.Tensor, k: torch.Tensor, start: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        cos, sin = self.tables.get(start, start + q.size(2), q.device, q.dtype)  # (T, hs/2) each
+        return apply_rotary_emb(q, cos, sin), apply_rotary_emb(k, cos, sin)
+
+
+@dataclasses.dataclass(frozen=True)
+class RoPEOptions(SoftmaxOptions):
+    """``model.att_options`` of the softmax RoPE variants: those of every softmax variant
+    (``n_kv_head``, ``softcap``) and context-extension scaling.
+
+    Attributes:
+        scaling: RoPE context-extension method; ``none`` keeps the trained tables.
+        scale_factor: extension factor s >= 1 (must stay 1 with ``scaling: none``).
+        original_max_len: training context length L for YaRN (None: model.block_size).
+        yarn_alpha, yarn_beta: YaRN ramp bounds (paper: 1 and 32).
+
+    Scaling changes only the RoPE tables, never the parameters: load a checkpoint
+    trained with ``scaling: none`` into a model with ``scaling: yarn, scale_factor: 4``
+    to evaluate it at 4x the training length.
+    """
+
+    scaling: ScalingKind = "none"
+    scale_factor: float = 1.0
+    original_max_len: int | None = None
+    yarn_alpha: float = 1.0
+    yarn_beta: float = 32.0
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not self.scale_factor >= 1.0:
+            raise ValueError(f"scale_factor must be >= 1, got {self.scale_factor}")
+        if self.scaling == "none" and self.scale_factor != 1.0:
+            raise ValueError(
+                f"scale_factor={self.scale_factor} has no effect with scaling 'none'; "
+                "set scaling to linear, ntk or yarn, or remove scale_factor"
+            )
+        if self.original_max_len is not None and self.original_max_len < 1:
+            raise ValueError(f"original_max_len must be >= 1, got {self.original_max_len}")
+        if not 0.0 <= self.yarn_alpha < self.yarn_beta:
+            raise ValueError(
+                f"need 0 <= yarn_alpha < yarn_beta, got {self.yarn_alpha} and {self.yarn_beta}"
+            )
+
+    def rope_scaling(self, config: ModelConfig) -> RopeScaling | None:
+        """The :class:`RopeScaling` these options ask for (None for ``scaling: none``)."""
+        if self.scaling == "none":
+            return None
+        return RopeScaling(
+            kind=self.scaling,
+            factor=self.scale_factor,
+            original_max_len=self.original_max_len or config.block_size,
+            alpha=self.yarn_alpha,
+            beta=self.yarn_beta,
+        )
+
+    def rotary_embedding(self, config: ModelConfig) -> RotaryEmbedding:
+        """The rotation of a model with ``config`` under these options."""
+        return RotaryEmbedding(config.head_size, config.rope_theta, self.rope_scaling(config))
+
+
+def check_even_head_size(config: ModelConfig, variant: str) -> None:
+    """RoPE rotates feature pairs, so the head size must be even."""
+    if config.head_size % 2:
+        raise ConfigError(
+            f"model: attention '{variant}' needs an even head size, but n_embd / n_head = "
+            f"{config.n_embd} / {config.n_head} = {config.head_size}; "
+            "choose n_embd and n_head so that their quotient is even."
+        )

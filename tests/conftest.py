@@ -40,6 +40,25 @@ def pytest_configure(config: pytest.Config) -> None:
     torch.set_num_threads(int(os.environ.get("ROPELM_TEST_THREADS", "1")))
 
 
+#: Checks that may be not applicable to a plugin that passes everything else: no CUDA device
+#: here, or a capability the plugin does not declare.
+CAPABILITY_GATED = {"check_flex_matches_dense_on_cuda", "check_document_mask_isolates_documents"}
+
+
+def _assert_conforms(results: list) -> None:
+    """Every conformance check passed, apart from those gated by the device or a capability."""
+    outcomes = {r.check: r.outcome for r in results}
+    assert set(outcomes.values()) <= {"passed", "not applicable"}, outcomes
+    not_applicable = {check for check, outcome in outcomes.items() if outcome != "passed"}
+    assert not_applicable <= CAPABILITY_GATED, outcomes
+
+
+@pytest.fixture
+def assert_conforms():
+    """:func:`_assert_conforms`: run_all's results are all passes (or device/capability gated)."""
+    return _assert_conforms
+
+
 @pytest.fixture(scope="session")
 def registry() -> Registry:
     """The default registry (built-in variants and installed entry points), built once,

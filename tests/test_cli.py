@@ -90,6 +90,7 @@ def test_plugins_json_has_name_description_source_capabilities():
         "kv_cache": True,
         "extrapolates": True,
         "input_position_embedding": False,
+        "document_mask": True,
     }
 
 

@@ -18,6 +18,7 @@ from safetensors.torch import load_file
 from ropelm.checkpoint import load_model, resolve_checkpoint
 from ropelm.engine import TrainingError
 from ropelm.errors import ConfigError, DataError
+from ropelm.eval_run import evaluate_run
 from ropelm.experiment import Experiment
 from ropelm.pipeline import run_experiment
 from ropelm.runs import RunDir
@@ -159,10 +160,9 @@ def test_resume_after_sigkill_matches_an_uninterrupted_run_bitwise(tmp_path, cac
 NAN_PLUGIN = '''
 import torch
 import ropelm
-from ropelm.plugins.rope_sm import RoPEAttention, RoPEOptions
 
 
-class NaNAfterTenCalls(RoPEAttention):
+class NaNAfterTenCalls(ropelm.SelfAttention):
     """RoPE-SM that starts emitting NaN in training after a few forward passes."""
 
     def forward(self, x, cache=None):
@@ -175,7 +175,9 @@ class NaNAfterTenCalls(RoPEAttention):
 def ropelm_register_attention(register):
     register(ropelm.AttentionSpec(
         name="NaN-After-10", description="test", reference="",
-        factory=lambda config, options: NaNAfterTenCalls(config, RoPEOptions()),
+        factory=lambda config, options: NaNAfterTenCalls(
+            config, rotation=ropelm.RotaryEmbedding(config.head_size)
+        ),
     ))
 '''
 
@@ -246,3 +248,31 @@ def test_resuming_a_run_without_checkpoint_says_to_restart(tmp_path, cache_dir):
     RunDir(run_dir).claim(config.config, resume=False)  # a run killed before its first checkpoint
     with pytest.raises(TrainingError, match="stopped before its first checkpoint"):
         run_experiment(config, out_dir=run_dir, resume=True, progress=False)
+
+
+def test_document_mask_trains_and_evaluates_within_documents(tmp_path, cache_dir, registry):
+    summaries = {}
+    for masked in (False, True):
+        raw = tiny_experiment(cache_dir, max_steps=4, eval_every=4, document_mask=masked)
+        raw["model"]["att_type"] = "ALiBi"
+        experiment = Experiment.load(write_yaml(tmp_path / f"doc{masked}.yaml", raw))
+        summaries[masked] = run_experiment(
+            experiment, out_dir=tmp_path / f"run{masked}", progress=False
+        )
+    # the same seed and weights at step 0: only the mask makes the losses differ
+    assert summaries[True]["initial_val_loss"] != summaries[False]["initial_val_loss"]
+    report = evaluate_run(tmp_path / "runTrue", registry, lengths=["1x"], max_windows=2)
+    assert report["document_mask"] is True
+    cell = report["results"]["1x"]["nonoverlapping"]
+    assert cell["backend"] == "dense"  # a document mask is a mask: not sdpa
+
+
+def test_flex_for_cpu_training_is_refused_before_any_step(tmp_path, cache_dir, assert_one_sentence):
+    raw = tiny_experiment(cache_dir, max_steps=2)
+    raw["model"].update(att_type="ALiBi", attention_backend="flex", dropout=0.0)
+    experiment = Experiment.load(write_yaml(tmp_path / "flex.yaml", raw))
+    with pytest.raises(ConfigError, match="flex has no backward on the CPU") as info:
+        run_experiment(experiment, out_dir=tmp_path / "run", progress=False)
+    assert "attention_backend: dense or auto" in str(info.value)
+    assert_one_sentence(str(info.value))
+    assert not (tmp_path / "run" / "checkpoints").exists()

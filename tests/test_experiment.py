@@ -8,14 +8,14 @@ from pathlib import Path
 import pytest
 import yaml
 from click.testing import CliRunner
-from ropelm.plugins.rope_sm import RoPEOptions
 
-from ropelm import KVHeadOptions, ModelConfig, Registry, TransformerLM
+from ropelm import ModelConfig, Registry, SoftmaxOptions, TransformerLM
 from ropelm.attention import AttentionSpec
 from ropelm.cli import main
 from ropelm.config import validate
-from ropelm.errors import ConfigError, UnknownAttentionError, UnsupportedShapeError
+from ropelm.errors import ConfigError, UnknownAttentionError, UnsupportedModelError
 from ropelm.experiment import Experiment
+from ropelm.rope import RoPEOptions
 
 
 @pytest.fixture()
@@ -107,7 +107,7 @@ def test_bind_fails_early_with_the_variant_error(tmp_path):
 
 def test_a_shape_the_variant_rejects_is_its_own_error(registry):
     odd = ModelConfig(n_embd=36, n_head=4)  # head size 9: RoPE pairs features
-    with pytest.raises(UnsupportedShapeError, match="needs an even head size"):
+    with pytest.raises(UnsupportedModelError, match="needs an even head size"):
         registry.resolve(odd)
     assert registry.resolve(odd.model_copy(update={"att_type": "NoPE"})).name == "NoPE"
 
@@ -120,7 +120,7 @@ def test_factories_always_get_a_parsed_options_instance(registry):
         resolved = registry.resolve(config.model_copy(update={"att_type": variant.spec.name}))
         assert isinstance(resolved.options, variant.spec.options), variant.spec.name
     nope = registry.resolve(config.model_copy(update={"att_type": "NoPE"}))
-    assert nope.options == KVHeadOptions() and nope.source == "builtin (ropelm.plugins.nope)"
+    assert nope.options == SoftmaxOptions() and nope.source == "builtin (ropelm.plugins.nope)"
     assert isinstance(registry.resolve(config).options, RoPEOptions)
 
 
@@ -131,3 +131,20 @@ def test_a_model_is_built_from_the_attention_resolved_for_its_config(registry):
     assert model.spec is attention.spec and model.attention is attention
     with pytest.raises(ValueError, match="another att_type"):
         TransformerLM(config.model_copy(update={"att_type": "NoPE"}), attention)
+
+
+def test_document_mask_needs_a_variant_that_declares_it(tmp_path):
+    plugin = tmp_path / "no_documents.py"
+    plugin.write_text(
+        "import ropelm\n"
+        "@ropelm.hookimpl\n"
+        "def ropelm_register_attention(register):\n"
+        "    register(ropelm.AttentionSpec(name='No-Docs', description='', reference='',\n"
+        "        factory=lambda config, options: ropelm.SelfAttention(config)))\n"
+    )
+    config = validate({"plugins": [str(plugin)], "model": {"att_type": "No-Docs"},
+                       "train": {"document_mask": True}})  # fmt: skip
+    with pytest.raises(ConfigError, match=r"train\.document_mask: attention 'No-Docs'"):
+        Experiment.bind(config)
+    Experiment.bind(config.model_copy(update={"train": config.train.model_copy(
+        update={"document_mask": False})}))  # fmt: skip

@@ -33,6 +33,7 @@ def test_defaults_are_the_seeds():
         "pad_token_id": None,
         "rope_theta": 10000.0,
         "att_options": {},
+        "attention_backend": "auto",
     }
     assert config.head_size == 64
 

@@ -253,7 +253,9 @@ def write_experiment(tmp_path: Path, att_options: dict) -> Path:
     return path
 
 
-def test_plugin_file_named_in_yaml_builds_a_conforming_model(tmp_path, monkeypatch):
+def test_plugin_file_named_in_yaml_builds_a_conforming_model(
+    tmp_path, monkeypatch, assert_conforms
+):
     path = write_experiment(tmp_path, {"temperature": 2.0})
     monkeypatch.chdir(tmp_path.parent)  # the plugin path resolves against the YAML, not cwd
     config = load_experiment(path)
@@ -268,8 +270,7 @@ def test_plugin_file_named_in_yaml_builds_a_conforming_model(tmp_path, monkeypat
     assert isinstance(model.blocks[0].attn, SelfAttention)
     logits, _ = model(torch.zeros(1, 8, dtype=torch.long))
     assert logits.shape == (1, 8, SMALL_MODEL["vocab_size"])
-    outcomes = {r.check: r.outcome for r in run_all(variant.spec, config=config.model)}
-    assert set(outcomes.values()) == {"passed"}, outcomes
+    assert_conforms(run_all(variant.spec, config=config.model))
 
 
 def test_yaml_plugin_options_are_validated_by_the_plugin(tmp_path):
@@ -293,7 +294,7 @@ def test_missing_plugin_file_in_yaml_is_a_plugin_error(tmp_path):
 # -- a real package with an entry point -------------------------------------------------------
 
 
-def test_installed_entry_point_is_found_in_process(demo_plugin):
+def test_installed_entry_point_is_found_in_process(demo_plugin, assert_conforms):
     registry = Registry.default()
     variant = registry.variant(demo_plugin.variant)
     assert variant.source == demo_plugin.source
@@ -303,7 +304,7 @@ def test_installed_entry_point_is_found_in_process(demo_plugin):
     )
     assert isinstance(model.blocks[0].attn, SelfAttention)
     assert type(model.blocks[0].attn).__module__ == "ropelm_demo_plugin"
-    assert all(r.outcome == "passed" for r in run_all(variant.spec))
+    assert_conforms(run_all(variant.spec))
 
 
 def test_installed_entry_point_is_listed_by_the_cli(demo_plugin):

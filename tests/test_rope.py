@@ -219,7 +219,7 @@ def test_module_to_bfloat16_does_not_cast_the_tables():
         "c_proj.bias",
     }
     layer.to(torch.bfloat16)
-    cos, sin = layer.rope.get(0, 16, CPU, torch.bfloat16)
+    cos, sin = layer.rotation.tables.get(0, 16, CPU, torch.bfloat16)
     assert cos.dtype == sin.dtype == torch.float32
     assert layer(x.bfloat16()).dtype == torch.bfloat16
 

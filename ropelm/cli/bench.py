@@ -35,6 +35,12 @@ from ropelm.cli.app import main, set_option
     show_default=True,
     help="Comma-separated devices; auto = the CPU, plus CUDA when present.",
 )
+@click.option(
+    "--attention-backend",
+    type=click.Choice(["auto", "sdpa", "flex", "dense"]),
+    help="Kernel for attention (default: the experiment's model.attention_backend, auto: the "
+    "fastest for each variant, device and mode).",
+)
 @click.option("--rounds", type=click.IntRange(min=1), default=5, show_default=True)
 @click.option("--warmup", type=click.IntRange(min=0), default=2, show_default=True)
 @click.option("--threads", type=click.IntRange(min=1), help="torch intra-op threads on the CPU.")
@@ -59,6 +65,7 @@ def bench_command(
     experiment: Path | None,
     overrides: tuple[str, ...],
     devices: str,
+    attention_backend: str | None,
     rounds: int,
     warmup: int,
     threads: int | None,
@@ -69,8 +76,10 @@ def bench_command(
     """Forward and forward+backward tokens/s, peak memory and MFU of every variant.
 
     All variants are measured side by side on the same batch, interleaved round
-    by round; the ratio column is tokens/s relative to RoPE-SM measured in the
-    same rounds. MFU (CUDA) uses PaLM's 6N + 12*L*H*Q*T FLOPs per token.
+    by round; the ratio columns are tokens/s relative to RoPE-SM measured in the
+    same rounds, and the backend column says which kernel ran (sdpa, flex,
+    dense; see `model.attention_backend`). MFU (CUDA) uses PaLM's
+    6N + 12*L*H*Q*T FLOPs per token.
 
     \b
     Examples:
@@ -96,6 +105,8 @@ def bench_command(
             raise ConfigError("--set needs --experiment (it overrides that YAML's values).")
         model = ModelConfig(n_layer=4, n_head=4, n_embd=128, vocab_size=4096)
         registry = Registry.default()
+    if attention_backend is not None:
+        model = model.model_copy(update={"attention_backend": attention_backend})
     choices = parse_variants(variants) if variants else [VariantChoice(n) for n in registry.names()]
     try:
         sizes = [int(t) for t in split_specs(list(lengths))]

@@ -61,6 +61,11 @@ from ropelm.cli.app import main
 @click.option("--which", type=click.Choice(["best", "last"]), default="best", show_default=True)
 @click.option("--device", default="auto", show_default=True, help="cpu, cuda, cuda:1, ...")
 @click.option(
+    "--attention-backend",
+    type=click.Choice(["auto", "sdpa", "flex", "dense"]),
+    help="Kernel for attention (default: the run's model.attention_backend, usually auto).",
+)
+@click.option(
     "--out",
     "out_file",
     type=click.Path(dir_okay=False, path_type=Path),
@@ -78,6 +83,7 @@ def eval_command(
     batch_size: int | None,
     which: str,
     device: str,
+    attention_backend: str | None,
     out_file: Path | None,
 ) -> None:
     """Validation perplexity of a run at several lengths (length extrapolation).
@@ -117,6 +123,7 @@ def eval_command(
         methods=list(methods) or METHODS,
         which=which,
         device=device,
+        attention_backend=attention_backend,
         out=out_file,
     )
     click.echo(format_eval_table(report))

@@ -51,6 +51,13 @@ from ropelm.testing.harness import (
     build_model,
     conformance_config,
 )
+from ropelm.testing.kernel_checks import (
+    check_backends_agree,
+    check_dense_matches_reference,
+    check_document_mask_isolates_documents,
+    check_flex_matches_dense_on_cuda,
+    naive_attention,
+)
 
 __all__ = [
     "CHECKS",
@@ -58,16 +65,21 @@ __all__ = [
     "NotApplicable",
     "build_layer",
     "build_model",
+    "check_backends_agree",
     "check_batch_independence",
     "check_bf16_close_to_fp32",
     "check_causality",
+    "check_dense_matches_reference",
     "check_determinism",
+    "check_document_mask_isolates_documents",
     "check_dropout_only_in_train_mode",
+    "check_flex_matches_dense_on_cuda",
     "check_gradients_reach_every_parameter",
     "check_kv_cache_matches_full_forward",
     "check_output_shape_and_dtype",
     "check_sequence_lengths",
     "conformance_config",
+    "naive_attention",
     "run_all",
 ]
 
@@ -83,6 +95,10 @@ CHECKS: tuple[Check, ...] = (
     check_sequence_lengths,
     check_kv_cache_matches_full_forward,
     check_bf16_close_to_fp32,
+    check_document_mask_isolates_documents,
+    check_backends_agree,
+    check_dense_matches_reference,
+    check_flex_matches_dense_on_cuda,
 )
 
 

@@ -26,7 +26,9 @@ PRESETS: list[tuple[str, dict[str, Any]]] = [
     ("RoPE-Sliding", {"window": 5}),
     ("RoPE-Sliding", {"window": 8, "n_kv_head": 1}),
     ("ALiBi", {"n_kv_head": 2}),
+    ("ALiBi", {"softcap": 5.0}),  # a cap low enough to bend the conformance scores
     ("NoPE", {"n_kv_head": 1}),
+    ("T5-Bias", {"num_buckets": 8, "max_distance": 16, "n_kv_head": 2}),
 ]
 
 
@@ -58,6 +60,6 @@ def test_presets_reach_the_layers_the_checks_build(registry: Registry) -> None:
         spec, conformance_config(spec, att_options={"scaling": "yarn", "scale_factor": 4.0})
     )
     cpu = plain.c_attn.weight.device
-    plain_cos, _ = plain.rope.get(0, 32, cpu, plain.c_attn.weight.dtype)
-    yarn_cos, _ = yarn.rope.get(0, 32, cpu, yarn.c_attn.weight.dtype)
+    plain_cos, _ = plain.rotation.tables.get(0, 32, cpu, plain.c_attn.weight.dtype)
+    yarn_cos, _ = yarn.rotation.tables.get(0, 32, cpu, yarn.c_attn.weight.dtype)
     assert (plain_cos - yarn_cos).abs().max() > 1e-3

@@ -7,7 +7,7 @@ import math
 import torch
 from ropelm.plugins.nope import build
 
-from ropelm import KVHeadOptions, ModelConfig, Registry, TransformerLM
+from ropelm import ModelConfig, Registry, SoftmaxOptions, TransformerLM
 
 
 def config(**overrides) -> ModelConfig:
@@ -17,7 +17,7 @@ def config(**overrides) -> ModelConfig:
 
 def test_matches_plain_causal_softmax():
     torch.manual_seed(0)
-    attn = build(config(att_type="NoPE"), KVHeadOptions())
+    attn = build(config(att_type="NoPE"), SoftmaxOptions())
     q, k, v = torch.randn(3, 2, 4, 9, 8, dtype=torch.float64).unbind(0)
     scores = q @ k.transpose(-1, -2) / math.sqrt(8)
     scores = scores.masked_fill(torch.ones(9, 9, dtype=torch.bool).triu(1), float("-inf"))
