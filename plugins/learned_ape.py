@@ -25,21 +25,20 @@ from ropelm.self_attention import SelfAttention
 
 
 class LearnedPositionEmbedding(nn.Embedding):
-    """Positions (T,) -> (T, C) from a trained table of ``block_size`` rows."""
+    """Positions start..start+T-1 -> (T, C) from a trained table of ``block_size`` rows."""
 
-    def forward(self, positions: torch.Tensor) -> torch.Tensor:
-        # One host sync per forward for a clear error; skipped under torch.compile.
-        if positions.numel() and not torch.compiler.is_compiling():
-            low, high = int(positions.min()), int(positions.max())
-            size = self.num_embeddings
-            if low < 0 or high >= size:
-                raise ConfigError(
-                    f"Learned-APE has position embeddings for positions 0..{size - 1} "
-                    f"(model.block_size = {size}) but was asked for position "
-                    f"{high if high >= size else low}; keep sequences within block_size or "
-                    "use a variant that extrapolates (e.g. Sinusoidal-APE, ALiBi, RoPE-SM)."
-                )
-        return super().forward(positions)  # (T, C)
+    def forward(self, start: int, length: int) -> torch.Tensor:
+        """Embeddings (length, C) of positions start..start+length-1 (a slice: no host sync)."""
+        size = self.num_embeddings
+        if start < 0 or start + length > size:
+            raise ConfigError(
+                f"Learned-APE has position embeddings for positions 0..{size - 1} "
+                f"(model.block_size = {size}) but was asked for position "
+                f"{start + length - 1 if start >= 0 else start}; keep sequences within "
+                "block_size or use a variant that extrapolates (e.g. Sinusoidal-APE, ALiBi, "
+                "RoPE-SM)."
+            )
+        return self.weight[start : start + length]  # (T, C)
 
 
 def build(config: ModelConfig, options: SoftmaxOptions) -> SelfAttention:

@@ -168,6 +168,20 @@ class RoPELinearAttention(SelfAttention):
         document_ids: torch.Tensor | None = None,
     ) -> torch.Tensor:
         q, k, v = self.project_qkv(x)  # (B, nh, T, hs) each
+        with torch.autocast(q.device.type, enabled=False):  # the sums need float32 (see below)
+            y = self._attend(q, k, v, cache, document_ids)  # (B, nh, T, hs)
+        return self.project_out(y.to(x.dtype))
+
+    def _attend(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        cache: LinearAttentionState | None,
+        document_ids: torch.Tensor | None,
+    ) -> torch.Tensor:
+        """Linear attention of (B, nh, T, hs) inputs in float32 at least, outside autocast:
+        under fp16 autocast the growing state would overflow (values past 65,504)."""
         compute = torch.promote_types(q.dtype, torch.float32)
         start = cache.length if cache is not None else 0
         phi_q = F.elu(q.to(compute)) + 1.0  # (B, nh, T, hs)
@@ -175,18 +189,17 @@ class RoPELinearAttention(SelfAttention):
         cos, sin = self.rope.get(start, start + q.size(2), q.device, compute)  # (T, hs/2)
         q_rot, k_rot = apply_rotary_emb(phi_q, cos, sin), apply_rotary_emb(phi_k, cos, sin)
         if document_ids is not None:
-            y = document_linear_attention(
+            return document_linear_attention(
                 q_rot, k_rot, phi_q, phi_k, v.to(compute), document_ids, self.eps
-            )  # (B, nh, T, hs)
-            return self.project_out(y.to(x.dtype))
+            )
         state = (cache.S, cache.z) if cache is not None else None
         y, S, z = causal_linear_attention(
             q_rot, k_rot, phi_q, phi_k, v.to(compute), self.chunk_size, self.eps, state
-        )  # (B, nh, T, hs)
+        )
         if cache is not None:
             cache.S, cache.z = S.to(cache.S.dtype), z.to(cache.z.dtype)
             cache.length += q.size(2)
-        return self.project_out(y.to(x.dtype))
+        return y
 
     def init_cache(
         self, batch_size: int, max_len: int, device: torch.device, dtype: torch.dtype

@@ -73,23 +73,24 @@ def sinusoidal_table(length: int, dim: int, base: float = 10000.0) -> torch.Tens
 
 
 class SinusoidalPositionEmbedding(nn.Module):
-    """Positions (T,) -> (T, C) float32 sinusoids; no parameters, any position."""
+    """Positions start..start+T-1 -> (T, C) float32 sinusoids; no parameters, any position."""
 
     def __init__(self, dim: int, base: float = 10000.0, scale: float = 1.0) -> None:
         super().__init__()
         self.dim, self.base, self.scale = dim, base, scale
         self._table = PositionTables(self._make)
+        # an empty buffer that follows Module.to(device): where the table must be
+        self.register_buffer("_device", torch.empty(0), persistent=False)
 
     def _make(self, length: int, device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor]:
         table = self.scale * sinusoidal_table(length, self.dim, self.base)  # (T, C) float64
         return (table.to(device=device, dtype=dtype),)
 
-    def forward(self, positions: torch.Tensor) -> torch.Tensor:
-        if positions.numel() == 0:
-            return positions.new_zeros((0, self.dim), dtype=torch.float32)
-        needed = int(positions.max()) + 1  # host sync, like RoPE's table growth
-        (table,) = self._table.get(0, needed, positions.device, torch.float32)
-        return table[positions]  # (T, C)
+    def forward(self, start: int, length: int) -> torch.Tensor:
+        """Sinusoids (length, C) of positions start..start+length-1 (a slice: no host sync)."""
+        device = self._device.device
+        (table,) = self._table.get(start, start + length, device, torch.float32)
+        return table  # (T, C)
 
     def extra_repr(self) -> str:
         return f"dim={self.dim}, base={self.base}, scale={self.scale}"

@@ -92,7 +92,7 @@ class Capabilities:
 
 # (config, options) -> nn.Module mapping (B, T, C) -> (B, T, C)
 AttentionFactory = Callable[[ModelConfig, Any], nn.Module]
-# (config, options) -> nn.Module mapping positions (T,) -> (T, C)
+# (config, options) -> nn.Module mapping (start, length) to embeddings (length, C)
 PositionEmbeddingFactory = Callable[[ModelConfig, Any], nn.Module]
 
 
@@ -112,7 +112,8 @@ class AttentionSpec:
             under ``model.att_options`` and they are validated against this type.
         capabilities: what the variant supports (see :class:`Capabilities`).
         position_embedding: optional ``factory(config, options)`` for a module that
-            maps positions ``(T,)`` to embeddings ``(T, C)`` added to the token
+            maps ``(start, length)`` (Python ints: positions start..start+length-1,
+            so no host sync) to embeddings ``(length, C)`` added to the token
             embeddings (absolute-position variants). The model casts them to the
             token embeddings' dtype, so a parameter-free embedding may return float32.
     """

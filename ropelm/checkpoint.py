@@ -8,14 +8,16 @@ Layout inside a run directory::
         model_config.json      ModelConfig + plugin modules needed to rebuild the model
         tokenizer.json         the tokenizer the model was trained with
         trainer.pt             optimizer, scaler, RNG states, data position (weights_only)
+        sharded/               FSDP runs: model and optimizer shards (torch.distributed.checkpoint)
         checkpoint.json        step, validation loss, sha256 of every file; written last
       last.json                pointer: {"dir": "step-00000200", ...}
       best.json                pointer to the lowest validation loss so far
 
-A checkpoint directory is assembled under a temporary name and renamed into
-place; the pointers are replaced atomically afterwards; unreferenced
-directories are removed last. A crash at any moment leaves the previous
-pointers and the directories they name intact.
+A checkpoint directory is assembled under a temporary name (where, under FSDP,
+every process first writes its shards) and renamed into place; the pointers are
+replaced atomically afterwards; unreferenced directories are removed last. A
+crash at any moment leaves the previous pointers and the directories they name
+intact.
 """
 
 from __future__ import annotations
@@ -61,10 +63,32 @@ class Checkpoint:
         return self.manifest.get("val_loss")
 
 
+def checkpoint_name(step: int) -> str:
+    return f"step-{step:08d}"
+
+
+def checkpoint_complete(checkpoints_dir: Path, step: int) -> bool:
+    """Whether the checkpoint of ``step`` is already written (only pointers then change)."""
+    return (checkpoints_dir / checkpoint_name(step) / MANIFEST).is_file()
+
+
+def staging_dir(checkpoints_dir: Path, step: int) -> Path:
+    """Where the checkpoint of ``step`` is assembled before it is renamed into place."""
+    return checkpoints_dir / f".tmp-{checkpoint_name(step)}"
+
+
+def start_staging(checkpoints_dir: Path, step: int) -> Path:
+    """An empty :func:`staging_dir` (what a killed save left there is removed)."""
+    tmp = staging_dir(checkpoints_dir, step)
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    return tmp
+
+
 def save_checkpoint(
     checkpoints_dir: Path,
     *,
-    model: torch.nn.Module,
+    weights: dict[str, torch.Tensor],
     model_config: ModelConfig,
     plugins: list[str],
     trainer_state: dict[str, Any],
@@ -72,16 +96,27 @@ def save_checkpoint(
     val_loss: float | None,
     tokenizer_path: Path | None,
     pointers: tuple[str, ...] = ("last",),
+    staged: bool = False,
 ) -> Checkpoint:
-    """Write a checkpoint for ``step`` and point ``pointers`` (``last``/``best``) at it."""
+    """Write a checkpoint for ``step`` and point ``pointers`` (``last``/``best``) at it.
+
+    ``weights`` is the whole model's state dict. With ``staged``, other processes
+    have already written files into :func:`staging_dir` (FSDP shards); they join
+    the checkpoint and its manifest.
+    """
     checkpoints_dir.mkdir(parents=True, exist_ok=True)
-    name = f"step-{step:08d}"
+    name = checkpoint_name(step)
     final = checkpoints_dir / name
     try:
         if not (final / MANIFEST).is_file():
+            tmp = (
+                staging_dir(checkpoints_dir, step)
+                if staged
+                else start_staging(checkpoints_dir, step)
+            )
             _write_checkpoint_dir(
-                checkpoints_dir, final, model, model_config, plugins, trainer_state,
-                step, val_loss, tokenizer_path,
+                tmp, final, weights, model_config, plugins, trainer_state, step, val_loss,
+                tokenizer_path,
             )  # fmt: skip
         manifest = _read_manifest(final)
         for pointer in pointers:
@@ -101,9 +136,9 @@ def save_checkpoint(
 
 
 def _write_checkpoint_dir(
-    checkpoints_dir: Path,
+    tmp: Path,
     final: Path,
-    model: torch.nn.Module,
+    weights: dict[str, torch.Tensor],
     model_config: ModelConfig,
     plugins: list[str],
     trainer_state: dict[str, Any],
@@ -111,18 +146,14 @@ def _write_checkpoint_dir(
     val_loss: float | None,
     tokenizer_path: Path | None,
 ) -> None:
-    tmp = checkpoints_dir / f".tmp-{final.name}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
     try:
-        state = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
-        save_file(state, str(tmp / WEIGHTS), metadata={"format": str(FORMAT_VERSION)})
+        save_file(weights, str(tmp / WEIGHTS), metadata={"format": str(FORMAT_VERSION)})
         config_blob = {"model": model_config.model_dump(mode="json"), "plugins": list(plugins)}
         (tmp / MODEL_CONFIG).write_text(json.dumps(config_blob, indent=2))
         if tokenizer_path is not None:
             shutil.copyfile(tokenizer_path, tmp / TOKENIZER)
         torch.save(trainer_state, tmp / TRAINER_STATE)
-        files = sorted(p.name for p in tmp.iterdir())
+        files = sorted(str(p.relative_to(tmp)) for p in tmp.rglob("*") if p.is_file())
         manifest = {
             "format": FORMAT_VERSION,
             "step": step,
@@ -132,9 +163,10 @@ def _write_checkpoint_dir(
         for name in files:
             fsync_file(tmp / name)
         atomic_write_json(tmp / MANIFEST, manifest)
-        fsync_dir(tmp)
+        for directory in {tmp, *((tmp / name).parent for name in files)}:
+            fsync_dir(directory)
         tmp.rename(final)
-        fsync_dir(checkpoints_dir)
+        fsync_dir(final.parent)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -251,9 +283,11 @@ def load_model(
     if verify:
         verify_checkpoint(directory)
     model_config, _ = read_model_config(directory)
-    model = TransformerLM(model_config, registry.resolve(model_config))
+    attention = registry.resolve(model_config)
+    with torch.device(device):  # built where it runs: the weights cross to the device once
+        model = TransformerLM(model_config, attention)
     load_weights(model, directory, device)
-    return model.to(device).eval()
+    return model.eval()
 
 
 def _read_manifest(directory: Path) -> dict[str, Any]:

@@ -117,8 +117,11 @@ class TrainConfig(_Section):
 
     num_epochs: PositiveInt = 3
     max_steps: PositiveInt | None = None  # overrides num_epochs when set
-    batch_size: PositiveInt = 8
+    batch_size: PositiveInt = 8  # windows per process and micro-batch
     grad_accum_steps: PositiveInt = 1
+    # global batch in tokens: derives grad_accum_steps from batch_size, block_size and the
+    # number of processes, so one recipe means the same optimisation on any hardware
+    tokens_per_step: PositiveInt | None = None
     learning_rate: PositiveFloat = 3e-4
     min_lr_ratio: float = Field(0.1, ge=0.0, le=1.0)  # cosine floor, as a fraction of the peak
     warmup_steps: NonNegativeInt = 0
@@ -127,13 +130,24 @@ class TrainConfig(_Section):
     max_grad_norm: float = Field(1.0, ge=0.0)  # 0 disables clipping
     tokens_per_epoch: PositiveInt | None = None  # default: the size of the training split
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
-    compile: bool = False
+    compile: Literal["auto"] | bool = "auto"  # auto: torch.compile on CUDA, not on the CPU
+    activation_checkpointing: bool = False  # recompute each block in backward: less memory
+    parallel: Literal["ddp", "fsdp"] = "ddp"  # under torchrun: replicate, or shard (FSDP2)
     document_mask: bool = False  # attend only within documents (split at <|endoftext|>)
     device: str = "auto"
     seed: int = 0
     eval_every: PositiveInt | None = None  # steps; evaluation also runs after each epoch
     log_every: PositiveInt = 10
     save_every: PositiveInt | None = None  # steps between "last" checkpoints
+
+    @pydantic.model_validator(mode="after")
+    def _one_way_to_accumulate(self) -> TrainConfig:
+        if self.tokens_per_step is not None and self.grad_accum_steps != 1:
+            raise ValueError(
+                "set train.tokens_per_step or train.grad_accum_steps, not both "
+                "(tokens_per_step derives the accumulation steps)"
+            )
+        return self
 
     @pydantic.field_validator("betas")
     @classmethod

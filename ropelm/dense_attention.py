@@ -195,6 +195,7 @@ class DenseAttention:
             outputs.append(y)
         return outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=2)  # (B, nh, T, hs)
 
+    @torch.compiler.disable  # a data-dependent plan (key spans): built eagerly, then cached
     def runs(
         self,
         functions: ScoreFunctions,

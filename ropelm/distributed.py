@@ -1,18 +1,26 @@
 """Process-group setup for data-parallel training under ``torchrun``.
 
 ``torchrun --nproc_per_node=N`` sets RANK, LOCAL_RANK and WORLD_SIZE; this module
-reads them, picks the backend (nccl on CUDA, gloo on the CPU) and tells the
-engine which slice of every global batch is its own. Without those variables
-everything runs as a single process (rank 0 of 1).
+reads them, binds each process to its own GPU (``cuda:LOCAL_RANK``) before the
+process group exists, picks the backend (nccl on CUDA, gloo on the CPU) and
+tells the engine which slice of every global batch is its own.
+:func:`distributed_session` joins the group and leaves it again when the
+command ends, whatever way it ends. Without torchrun's variables everything
+runs as a single process (rank 0 of 1).
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.distributed as dist
+
+from ropelm.errors import ConfigError
 
 
 @dataclass(frozen=True)
@@ -22,9 +30,11 @@ class DistributedContext:
     rank: int = 0
     local_rank: int = 0
     world_size: int = 1
+    launched: bool = False  # by torchrun (a process group exists, possibly of one process)
 
     @property
     def enabled(self) -> bool:
+        """Whether there are other processes to reduce and synchronise with."""
         return self.world_size > 1
 
     @property
@@ -47,6 +57,14 @@ class DistributedContext:
         dist.all_reduce(value, op=dist.ReduceOp.SUM)
         return value
 
+    def gather_to_main(self, obj: Any) -> list[Any] | None:
+        """Every process's ``obj``, in rank order, on the main process (None elsewhere)."""
+        if not self.enabled:
+            return [obj]
+        gathered: list[Any] | None = [None] * self.world_size if self.is_main else None
+        dist.gather_object(obj, gathered, dst=0)
+        return gathered
+
     def barrier(self) -> None:
         if self.enabled:
             dist.barrier()
@@ -59,24 +77,67 @@ def context_from_env() -> DistributedContext:
         rank=int(os.environ.get("RANK", "0")),
         local_rank=int(os.environ.get("LOCAL_RANK", "0")),
         world_size=world_size,
+        launched="WORLD_SIZE" in os.environ,
     )
 
 
-def init_distributed(device: torch.device) -> DistributedContext:
-    """Join the process group when launched by torchrun; otherwise a no-op."""
-    ctx = context_from_env()
-    if ctx.enabled and not dist.is_initialized():
-        backend = "nccl" if device.type == "cuda" else "gloo"
-        dist.init_process_group(backend=backend)
-    return ctx
-
-
 def resolve_device(name: str, ctx: DistributedContext | None = None) -> torch.device:
-    """``auto`` -> this process's GPU when CUDA is available, else the CPU."""
+    """``auto`` -> this process's GPU when CUDA is available, else the CPU.
+
+    Under torchrun every process takes ``cuda:LOCAL_RANK``: an explicit index
+    would put every rank on one GPU, so it is refused.
+
+    Raises:
+        ConfigError: an unknown device name, CUDA asked for on a machine without
+            it, or a GPU index under torchrun.
+    """
     ctx = ctx or context_from_env()
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
-    device = torch.device(name)
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ConfigError(
+            f"Device '{name}' is not a device name; use auto, cpu, cuda or cuda:N."
+        ) from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(
+            f"Device '{name}' asks for CUDA, but this machine has no CUDA device (or this torch "
+            "has no CUDA support); use cpu or auto."
+        )
+    if device.type == "cuda" and ctx.enabled and device.index is not None:
+        raise ConfigError(
+            f"train.device: {name} would put every torchrun process on GPU {device.index}; use "
+            "cuda or auto, which give each process its own GPU (cuda:LOCAL_RANK)."
+        )
     if device.type == "cuda" and device.index is None:
         device = torch.device("cuda", ctx.local_rank)
     return device
+
+
+def init_distributed(device: torch.device) -> DistributedContext:
+    """Join the process group when launched by torchrun (once); otherwise a no-op.
+
+    On CUDA the process is bound to its device first, and the group is told that
+    device, so NCCL never opens a context on another rank's GPU.
+    """
+    ctx = context_from_env()
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    if ctx.launched and not dist.is_initialized():
+        if device.type == "cuda":
+            dist.init_process_group(backend="nccl", device_id=device)
+        else:
+            dist.init_process_group(backend="gloo")
+    return ctx
+
+
+@contextlib.contextmanager
+def distributed_session(device: torch.device) -> Iterator[DistributedContext]:
+    """:func:`init_distributed` for the length of a command; the group is destroyed at the end."""
+    ctx = init_distributed(device)
+    try:
+        yield ctx
+    finally:
+        if ctx.launched and dist.is_initialized():
+            dist.destroy_process_group()

@@ -1,34 +1,38 @@
-"""The training loop: AdamW, cosine schedule, clipping, accumulation, AMP, DDP, exact resume.
+"""The training loop: AdamW, cosine schedule, clipping, accumulation, AMP, DDP/FSDP, exact resume.
 
 :func:`train` is an ordinary function: give it a bound experiment, the prepared
 token files and a run directory. Its loop reads top to bottom: set the learning
 rate, take one optimizer step, count it, log, evaluate and checkpoint. The
 :class:`Trainer` holds what the loop works with (model, optimizer, scaler,
-data, plan) and the named pieces it calls. Every piece of state lives in the
-trainer or in the checkpoint it writes, so a run killed at any moment and
-continued with ``resume=True`` ends with the same weights as an uninterrupted
-run (bitwise on the CPU: data order, dropout masks and the optimizer all
-continue from the saved state).
+batches, plan) and the named pieces it calls. On a GPU nothing in a step waits
+for the device: the loss stays on the device until a log line reads it, a
+non-finite loss is recorded on the device and acted on before anything is
+saved, and the next batch is copied while the current step runs. Every piece
+of state lives in the trainer or in the checkpoint it writes, so a run killed
+at any moment and continued with ``resume=True`` ends with the same weights as
+an uninterrupted run (bitwise on the CPU: data order, dropout masks and the
+optimizer all continue from the saved state).
 """
 
 from __future__ import annotations
 
 import contextlib
-import math
-import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
+from ropelm.batches import TrainBatches
 from ropelm.checkpoint import (
+    checkpoint_complete,
     load_trainer_state,
     load_weights,
     resolve_checkpoint,
     save_checkpoint,
+    staging_dir,
+    start_staging,
     verify_checkpoint,
 )
 from ropelm.config import ModelConfig, TrainConfig
@@ -39,22 +43,33 @@ from ropelm.experiment import Experiment
 from ropelm.kernels import flex_problem
 from ropelm.masks import document_ids
 from ropelm.model import TransformerLM
+from ropelm.parallel import (
+    SHARDED_DIR,
+    check_parallel,
+    full_state_dict,
+    load_sharded,
+    save_sharded,
+    wrap_for_training,
+)
 from ropelm.perplexity import evaluate_loss, perplexity
 from ropelm.recipe import (
     Precision,
     StepPlan,
     build_optimizer,
     lr_at,
+    resolve_compile,
     resolve_model_config,
     resolve_precision,
 )
 from ropelm.runs import RunDir
 from ropelm.tokenizer import TokenizerInfo
 from ropelm.train_state import (
+    LossMeter,
     ThroughputMeter,
     TrainState,
     graceful_interrupt,
     restore_trainer_state,
+    rng_state,
     trainer_state,
 )
 
@@ -84,30 +99,35 @@ def train(
     if resume:
         trainer.restore(log)
     trainer.write_environment()
-    meter = ThroughputMeter()
+    meter, losses = ThroughputMeter(), LossMeter(trainer.device)
     with graceful_interrupt(state), trainer.progress_bar(progress) as bar:
         if state.step == 0:
             trainer.evaluate_untrained()
-            meter.restart()
+        meter.restart()
         trainer.model.train()
         while state.step < plan.total_steps:
             if state.stop_requested:
                 trainer.save_and_stop()
             lr = trainer.set_learning_rate()
-            started = time.perf_counter()
-            loss = trainer.train_step()  # forward, backward, clip, optimizer step
-            trainer.stop_unless_finite(loss)
-            state.advance(plan.tokens_per_step, time.perf_counter() - started)
+            loss = trainer.train_step()  # forward, backward, clip, optimizer step (no host sync)
+            state.advance(plan.tokens_per_step)
+            losses.add(loss, state.step)
             meter.add(plan.tokens_per_step)
             bar.update(1)
             if state.step % tc.log_every == 0 or state.step == plan.total_steps:
-                trainer.log_step(loss, lr, meter.read(), bar)
-            if trainer.evaluation_due():
-                trainer.evaluate_and_checkpoint(bar)
-                meter.restart()  # evaluation is not training time
-            elif tc.save_every is not None and state.step % tc.save_every == 0:
-                trainer.save(("last",))
-                meter.restart()
+                trainer.stop_if_nonfinite(losses)  # reads the device: every queued step has run
+                seconds, tokens_per_s = meter.lap()
+                state.train_time += seconds
+                trainer.log_step(losses.mean(), lr, tokens_per_s, bar)
+            evaluate = trainer.evaluation_due()
+            if evaluate or (tc.save_every is not None and state.step % tc.save_every == 0):
+                trainer.stop_if_nonfinite(losses)
+                state.train_time += meter.lap()[0]
+                if evaluate:
+                    trainer.evaluate_and_checkpoint(bar)
+                else:
+                    trainer.save(("last",))
+                meter.restart()  # evaluation and checkpoints are not training time
     return trainer.finish()
 
 
@@ -115,8 +135,9 @@ def train(
 class Trainer:
     """What one training run works with, and the named steps of its loop.
 
-    ``model`` holds the weights (saved, evaluated); ``train_model`` is what the
-    steps run: the same model, compiled and/or wrapped in DDP.
+    ``model`` is the TransformerLM (whose weights are evaluated and saved);
+    ``train_model`` is what the steps run: the same model, compiled and/or
+    wrapped in DDP (under FSDP the model itself is sharded).
     """
 
     experiment: Experiment
@@ -127,7 +148,7 @@ class Trainer:
     scaler: torch.amp.GradScaler
     precision: Precision
     data: PreparedData
-    data_gen: torch.Generator
+    batches: TrainBatches
     plan: StepPlan
     device: torch.device
     dist: DistributedContext
@@ -139,13 +160,19 @@ class Trainer:
     def build(
         cls, experiment: Experiment, data: PreparedData, tokenizer: TokenizerInfo, run_dir: RunDir
     ) -> Trainer:
-        """Join the process group, seed, build the model and optimizer, plan the steps."""
+        """Join the process group, seed, build the model and optimizer, plan the steps.
+
+        Raises:
+            ConfigError: a setup that cannot run (flex for CPU training, fsdp without
+                torchrun, compile without inductor, a tokens_per_step that does not divide).
+        """
         config, tc = experiment.config, experiment.config.train
         device = resolve_device(tc.device)
         dist = init_distributed(device)
-        if device.type == "cuda":
-            torch.cuda.set_device(device)
         model_config = resolve_model_config(config, tokenizer.vocab_size, tokenizer.pad_id)
+        precision = resolve_precision(tc.precision, device)
+        check_parallel(tc.parallel, dist, precision)
+        compile_model = resolve_compile(tc.compile, device)
         if model_config.attention_backend == "flex":  # before any work, not at the first step
             problem = flex_problem(device, needs_grad=True, dropout_p=model_config.dropout)
             if problem is not None:
@@ -153,15 +180,19 @@ class Trainer:
         for split in (data.train, data.val):  # fail now, not after an epoch, if too small
             split.num_eval_windows(model_config.block_size)
         plan = StepPlan.build(tc, model_config.block_size, len(data.train), dist.world_size)
+        if device.type == "cuda":  # TF32 tensor cores for the float32 matmuls that remain
+            torch.backends.cuda.matmul.allow_tf32 = True
+            torch.backends.cudnn.allow_tf32 = True
 
         torch.manual_seed(tc.seed)
         model = TransformerLM(model_config, experiment.attention).to(device)
+        model.activation_checkpointing = tc.activation_checkpointing
         torch.manual_seed(tc.seed + dist.rank)  # dropout differs per rank, data does not
-        precision = resolve_precision(tc.precision, device)
-        train_model: torch.nn.Module = torch.compile(model) if tc.compile else model
-        if dist.enabled:
-            device_ids = [device.index] if device.type == "cuda" else None
-            train_model = DistributedDataParallel(train_model, device_ids=device_ids)
+        train_model = wrap_for_training(model, tc.parallel, dist, device, precision, compile_model)
+        batches = TrainBatches(
+            data.train, batch_size=tc.batch_size, block_size=model_config.block_size,
+            generator=torch.Generator().manual_seed(tc.seed), device=device, dist=dist,
+        )  # fmt: skip
         return cls(
             experiment=experiment,
             model_config=model_config,
@@ -171,7 +202,7 @@ class Trainer:
             scaler=torch.amp.GradScaler(device.type, enabled=precision.needs_grad_scaler),
             precision=precision,
             data=data,
-            data_gen=torch.Generator().manual_seed(tc.seed),
+            batches=batches,
             plan=plan,
             device=device,
             dist=dist,
@@ -183,6 +214,10 @@ class Trainer:
     def train_config(self) -> TrainConfig:
         return self.experiment.config.train
 
+    @property
+    def sharded(self) -> bool:
+        return self.train_config.parallel == "fsdp"
+
     # -- one optimizer step -------------------------------------------------------------------
 
     def set_learning_rate(self) -> float:
@@ -192,56 +227,63 @@ class Trainer:
         return lr
 
     def train_step(self) -> torch.Tensor:
-        """One optimizer step over ``grad_accum_steps`` micro-batches; the mean loss.
-
-        Every process draws the same *global* batch of window starts and trains on
-        its own slice, so N processes with batch_size b see exactly the windows one
-        process with batch_size N*b would.
-        """
-        tc, dist, block_size = self.train_config, self.dist, self.model_config.block_size
+        """One optimizer step over the plan's micro-batches; the mean loss, on the device."""
+        accum, eot = self.plan.grad_accum_steps, self.tokenizer.eot_id
         total = torch.zeros((), device=self.device)
-        lo, hi = dist.rank * tc.batch_size, (dist.rank + 1) * tc.batch_size
-        for micro in range(tc.grad_accum_steps):
-            starts = self.data.train.sample_starts(
-                tc.batch_size * dist.world_size, block_size, self.data_gen
-            )
-            x, y = self.data.train.windows(starts[lo:hi], block_size)
-            x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
-            documents = document_ids(x, self.tokenizer.eot_id) if tc.document_mask else None
-            last_micro = micro == tc.grad_accum_steps - 1
-            no_sync = dist.enabled and not last_micro  # all-reduce gradients once per step
-            with self.train_model.no_sync() if no_sync else contextlib.nullcontext():
-                with self.precision.autocast():
+        try:
+            for micro in range(accum):
+                x, y = next(self.batches)  # (B, T) each, already on the device
+                documents = document_ids(x, eot) if self.train_config.document_mask else None
+                with self._gradient_sync(last=micro == accum - 1), self.precision.autocast():
                     _, loss = self.train_model(x, y, document_ids=documents)
-                self.scaler.scale(loss / tc.grad_accum_steps).backward()
-            total += loss.detach()
-        if tc.max_grad_norm > 0:
-            self.scaler.unscale_(self.optimizer)
-            torch.nn.utils.clip_grad_norm_(self.train_model.parameters(), tc.max_grad_norm)
-        self.scaler.step(self.optimizer)
-        self.scaler.update()
-        self.optimizer.zero_grad(set_to_none=True)
-        return self.dist.all_reduce_mean(total / tc.grad_accum_steps)
-
-    def stop_unless_finite(self, loss: torch.Tensor) -> None:
-        """Stop without saving when the loss is NaN or infinite (the last checkpoint stays)."""
-        value = loss.item()
-        if not math.isfinite(value):
+                self.scaler.scale(loss / accum).backward()
+                total += loss.detach()
+            if self.train_config.max_grad_norm > 0:
+                self.scaler.unscale_(self.optimizer)
+                torch.nn.utils.clip_grad_norm_(
+                    self.train_model.parameters(), self.train_config.max_grad_norm
+                )
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        except torch.OutOfMemoryError:
             raise TrainingError(
-                f"The training loss became {value} at step {self.state.step + 1}; stopped "
-                f"without saving it, the last good checkpoint is in {self.run_dir.checkpoints}. "
+                f"The device ran out of memory at step {self.state.step + 1} with "
+                f"train.batch_size {self.train_config.batch_size}; lower train.batch_size "
+                "(train.tokens_per_step keeps the optimisation the same) or set "
+                "train.activation_checkpointing: true, the last checkpoint is kept."
+            ) from None
+        self.optimizer.zero_grad(set_to_none=True)
+        return self.dist.all_reduce_mean(total / accum)
+
+    def _gradient_sync(self, last: bool) -> contextlib.AbstractContextManager:
+        """All-reduce (or reduce-scatter) gradients once per step, after the last micro-batch."""
+        if self.sharded:  # FSDP: the sharded model itself switches its reduce-scatter
+            self.model.set_requires_gradient_sync(last)
+            return contextlib.nullcontext()
+        if not self.dist.enabled or last:
+            return contextlib.nullcontext()
+        return self.train_model.no_sync()
+
+    def stop_if_nonfinite(self, losses: LossMeter) -> None:
+        """Stop before logging or saving anything of a step whose loss was NaN or infinite."""
+        bad = losses.first_nonfinite_step()
+        if bad is not None:
+            raise TrainingError(
+                f"The training loss became non-finite at step {bad}; stopped without saving "
+                f"anything after it, the last good checkpoint is in {self.run_dir.checkpoints}. "
                 "Lower train.learning_rate or train.max_grad_norm and resume or restart."
             )
 
     # -- logging, evaluation, checkpoints -----------------------------------------------------
 
-    def log_step(self, loss: torch.Tensor, lr: float, tokens_per_s: float, bar: Any) -> None:
-        state, value = self.state, loss.item()
-        bar.set_postfix(loss=f"{value:.3f}", lr=f"{lr:.2e}", tok_s=f"{tokens_per_s:,.0f}")
+    def log_step(self, loss: float, lr: float, tokens_per_s: float, bar: Any) -> None:
+        """``loss`` is the mean training loss since the previous log line."""
+        state = self.state
+        bar.set_postfix(loss=f"{loss:.3f}", lr=f"{lr:.2e}", tok_s=f"{tokens_per_s:,.0f}")
         if self.dist.is_main:
             self.run_dir.append_metrics(
                 {"step": state.step, "epoch": state.step / self.plan.steps_per_epoch,
-                 "tokens": state.tokens_seen, "train_loss": value, "lr": lr,
+                 "tokens": state.tokens_seen, "train_loss": loss, "lr": lr,
                  "tokens_per_s": tokens_per_s},
             )  # fmt: skip
 
@@ -286,15 +328,27 @@ class Trainer:
         self.save(("last", "best") if improved else ("last",))
 
     def save(self, pointers: tuple[str, ...]) -> None:
-        """Write a checkpoint of this step (main process) and point ``pointers`` at it."""
+        """Write a checkpoint of this step and point ``pointers`` at it (every process joins:
+        the RNG states of all ranks go in, and under FSDP every rank writes its shards)."""
+        checkpoints, step = self.run_dir.checkpoints, self.state.step
+        written = checkpoint_complete(checkpoints, step)
+        weights = {} if written else full_state_dict(self.model)
+        rng = self.dist.gather_to_main(rng_state(self.device))
+        if self.sharded and not written:
+            if self.dist.is_main:
+                start_staging(checkpoints, step)
+            self.dist.barrier()
+            save_sharded(staging_dir(checkpoints, step) / SHARDED_DIR, self.model, self.optimizer)
+            self.dist.barrier()
         if self.dist.is_main:
             save_checkpoint(
-                self.run_dir.checkpoints, model=self.model, model_config=self.model_config,
-                plugins=self.experiment.config.plugins, step=self.state.step,
+                checkpoints, weights=weights, model_config=self.model_config,
+                plugins=self.experiment.config.plugins, step=step,
                 val_loss=self.state.last_eval.get("val_loss"),
-                tokenizer_path=self.tokenizer.path, pointers=pointers,
+                tokenizer_path=self.tokenizer.path, pointers=pointers, staged=self.sharded,
                 trainer_state=trainer_state(
-                    self.state, self.optimizer, self.scaler, self.data_gen, self.device
+                    self.state, None if self.sharded else self.optimizer, self.scaler,
+                    self.batches.state(), rng,
                 ),
             )  # fmt: skip
         self.dist.barrier()
@@ -319,11 +373,16 @@ class Trainer:
             )
         directory = resolve_checkpoint(run_dir.path, "last")
         verify_checkpoint(directory)
-        load_weights(self.model, directory, self.device)
+        if self.sharded:
+            load_sharded(directory / SHARDED_DIR, self.model, self.optimizer)
+        else:
+            load_weights(self.model, directory, self.device)
         saved = load_trainer_state(directory)
-        restore_trainer_state(
-            saved, self.state, self.optimizer, self.scaler, self.data_gen, self.device
-        )
+        data_state = restore_trainer_state(
+            saved, self.state, None if self.sharded else self.optimizer, self.scaler,
+            self.dist.rank, self.device, fallback_seed=self.train_config.seed + self.dist.rank,
+        )  # fmt: skip
+        self.batches.set_state(data_state)
         if self.dist.is_main:
             run_dir.truncate_metrics(self.state.step)
             log(f"Resuming {run_dir.path} at step {self.state.step} of {self.plan.total_steps}.")
@@ -345,7 +404,10 @@ class Trainer:
 
         state, attention = self.state, self.experiment.attention
         best_dir = resolve_checkpoint(self.run_dir.path, "best")
-        load_weights(self.model, best_dir, self.device)
+        if self.sharded:
+            load_sharded(best_dir / SHARDED_DIR, self.model, self.optimizer)
+        else:
+            load_weights(self.model, best_dir, self.device)
         final_loss = self.evaluate()
         summary = {
             "name": self.experiment.config.name,
@@ -361,6 +423,7 @@ class Trainer:
             "train_tokens_per_s": state.tokens_seen / max(state.train_time, 1e-9),
             "train_time_s": state.train_time,
             "world_size": self.dist.world_size,
+            "parallel": self.train_config.parallel if self.dist.launched else None,
             "device": str(self.device),
             "versions": {
                 "ropelm": ropelm.__version__,

@@ -176,7 +176,10 @@ def evaluate_run(
 
     _, data = cached_stages(config, str(root / "config.yaml"))
     torch_device = resolve_device(device)
-    precision = resolve_precision(config.train.precision, torch_device)
+    choice = config.train.precision
+    if choice == "fp16" and torch_device.type != "cuda":
+        choice = "fp32"  # a GPU run evaluated elsewhere: fp16 autocast is CUDA's alone
+    precision = resolve_precision(choice, torch_device)
     models = _ModelCache(checkpoint, torch_device, resolved)
     eot_id = data.meta["tokenizer"]["eot_id"] if config.train.document_mask else None
     window_batch = batch_size or config.eval.batch_size or config.train.batch_size

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from ropelm.attention import AttentionSpec, ResolvedAttention
 from ropelm.config import ModelConfig
@@ -84,6 +85,8 @@ class TransformerLM(nn.Module):
             )
         self.config = config
         self.attention = attention
+        # recompute each block in the backward pass instead of keeping its activations
+        self.activation_checkpointing = False
         self.tok_emb = nn.Embedding(config.vocab_size, config.n_embd)
         self.pos_emb = attention.build_position_embedding(config)
         self.drop = nn.Dropout(config.dropout)
@@ -156,13 +159,16 @@ class TransformerLM(nn.Module):
         start = state.position if state is not None else 0
         x = self.tok_emb(idx)  # (B, T, C)
         if self.pos_emb is not None:
-            positions = torch.arange(start, start + T, device=idx.device)
             # (T, C) broadcast over B, in the token embeddings' dtype: a parameter-free
             # embedding (sinusoids) computes in float32 whatever dtype the model is in
-            x = x + self.pos_emb(positions).to(x.dtype)
+            x = x + self.pos_emb(start, T).to(x.dtype)
         x = self.drop(x)
         for i, block in enumerate(self.blocks):
-            x = block(x, state.caches[i] if state is not None else None, document_ids)
+            cache = state.caches[i] if state is not None else None
+            if self.activation_checkpointing and self.training and torch.is_grad_enabled():
+                x = checkpoint(block, x, cache, document_ids, use_reentrant=False)
+            else:
+                x = block(x, cache, document_ids)
         logits = self.lm_head(self.ln_f(x))  # (B, T, V)
         if state is not None:
             state.position += T

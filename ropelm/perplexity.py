@@ -74,16 +74,15 @@ def evaluate_loss(
             continue
         with autocast():
             _, loss = model(x, y, document_ids=_documents(x, eot_id))
-        n = int((y != pad).sum()) if pad is not None else y.numel()  # the loss ignores padding
-        if n == 0:  # an all-padding batch has no loss to count (the model returns nan)
-            continue
-        total[0] += loss.double() * n
-        total[1] += n
+        # the loss ignores padding targets: weigh the batch by the targets it scored
+        scored = (y != pad).sum() if pad is not None else torch.tensor(y.numel(), device=device)
+        # an all-padding batch has no loss (the model returns nan): it counts for nothing;
+        # everything stays on the device, read once at the end
+        total[0] += torch.where(scored > 0, loss.double() * scored, 0.0)
+        total[1] += scored
     model.train(was_training)
-    total = dist_ctx.all_reduce_sum(total)
-    if total[1] == 0:
-        return float("nan")
-    return (total[0] / total[1]).item()
+    loss_sum, tokens = dist_ctx.all_reduce_sum(total).tolist()  # the one read from the device
+    return loss_sum / tokens if tokens else float("nan")
 
 
 def _documents(x: torch.Tensor, eot_id: int | None) -> torch.Tensor | None:
@@ -291,8 +290,7 @@ def length_perplexity(
     plan = window_plan(len(token_file), length, stride or length, max_windows, max_tokens)
     was_training = model.training
     model.eval()
-    total_nll = torch.zeros((), dtype=torch.float64, device=device)
-    count = 0
+    total = torch.zeros(2, dtype=torch.float64, device=device)  # (nll sum, targets scored)
     try:
         for x, y, scored in _plan_batches(token_file.tokens, plan, batch_size):
             x, y, scored = x.to(device), y.to(device), scored.to(device)
@@ -303,9 +301,10 @@ def length_perplexity(
             ).view_as(y)  # (B, L)
             if ignore_index is not None:
                 scored = scored & (y != ignore_index)
-            total_nll += nll[scored].double().sum()
-            count += int(scored.sum())
+            total[0] += torch.where(scored, nll.double(), 0.0).sum()
+            total[1] += scored.sum()
     finally:
         model.train(was_training)
-    loss = (total_nll / count).item() if count else float("nan")
-    return LengthResult(loss=loss, tokens=count, windows=plan.num_windows)
+    nll_sum, count = total.tolist()  # the one read from the device
+    loss = nll_sum / count if count else float("nan")
+    return LengthResult(loss=loss, tokens=int(count), windows=plan.num_windows)

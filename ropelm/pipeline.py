@@ -11,7 +11,7 @@ from typing import Any
 
 from ropelm.config import ExperimentConfig
 from ropelm.data import PreparedData, load_prepared, prepare_data, tokens_dir
-from ropelm.distributed import init_distributed, resolve_device
+from ropelm.distributed import distributed_session, resolve_device
 from ropelm.engine import train
 from ropelm.errors import DataError
 from ropelm.experiment import Experiment
@@ -54,12 +54,12 @@ def train_only(
     """The training stage alone, on the tokenizer and token files prepared earlier."""
     config = experiment.config
     run_dir = RunDir(out_dir or default_run_dir(config))
-    dist_ctx = init_distributed(resolve_device(config.train.device))
-    tokenizer, data = cached_stages(config, experiment_file)
-    if dist_ctx.is_main:
-        run_dir.claim(config, resume=resume)
-    dist_ctx.barrier()
-    return train(experiment, data, tokenizer, run_dir, resume=resume, progress=progress)
+    with distributed_session(resolve_device(config.train.device)) as dist_ctx:
+        tokenizer, data = cached_stages(config, experiment_file)
+        if dist_ctx.is_main:
+            run_dir.claim(config, resume=resume)
+        dist_ctx.barrier()
+        return train(experiment, data, tokenizer, run_dir, resume=resume, progress=progress)
 
 
 def run_experiment(
@@ -72,13 +72,13 @@ def run_experiment(
     """Run every stage of ``experiment``; returns the training summary."""
     config = experiment.config
     run_dir = RunDir(out_dir or default_run_dir(config))
-    dist_ctx = init_distributed(resolve_device(config.train.device))
-    if dist_ctx.is_main:  # one process builds the caches, the others then reuse them
-        run_dir.claim(config, resume=resume)
-        tokenizer = train_tokenizer(config, progress=progress)
-        data = prepare_data(config, tokenizer, progress=progress)
-    dist_ctx.barrier()
-    if not dist_ctx.is_main:
-        tokenizer = train_tokenizer(config, progress=False)
-        data = prepare_data(config, tokenizer, progress=False)
-    return train(experiment, data, tokenizer, run_dir, resume=resume, progress=progress)
+    with distributed_session(resolve_device(config.train.device)) as dist_ctx:
+        if dist_ctx.is_main:  # one process builds the caches, the others then reuse them
+            run_dir.claim(config, resume=resume)
+            tokenizer = train_tokenizer(config, progress=progress)
+            data = prepare_data(config, tokenizer, progress=progress)
+        dist_ctx.barrier()
+        if not dist_ctx.is_main:
+            tokenizer = train_tokenizer(config, progress=False)
+            data = prepare_data(config, tokenizer, progress=False)
+        return train(experiment, data, tokenizer, run_dir, resume=resume, progress=progress)

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
+import shutil
 from dataclasses import dataclass
 
 import torch
@@ -82,11 +84,38 @@ def resolve_precision(choice: str, device: torch.device) -> Precision:
     if choice == "auto":
         if device.type != "cuda":
             return Precision(device.type)
-        choice = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+        # emulated bf16 (V100, T4) is slower than fp16 with a gradient scaler
+        choice = "bf16" if torch.cuda.is_bf16_supported(including_emulation=False) else "fp16"
     if choice == "fp16" and device.type != "cuda":
         raise ConfigError("train.precision: fp16 needs a CUDA device; use fp32 or bf16 on the CPU.")
     dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[choice]
     return Precision(device.type, dtype)
+
+
+def resolve_compile(choice: bool | str, device: torch.device) -> bool:
+    """Whether to ``torch.compile`` the model: ``auto`` compiles on CUDA, not on the CPU.
+
+    Raises:
+        ConfigError: compilation asked for where inductor cannot run (one sentence).
+    """
+    if choice == "auto":
+        choice = device.type == "cuda"
+    if not choice:
+        return False
+    try:
+        import torch._inductor  # noqa: F401
+    except ImportError as err:
+        raise ConfigError(
+            f"train.compile: torch.compile needs its inductor backend, which does not import "
+            f"here ({err}); set train.compile: false."
+        ) from None
+    compiler = os.environ.get("CXX") or "g++"
+    if device.type == "cpu" and shutil.which(compiler) is None and shutil.which("c++") is None:
+        raise ConfigError(
+            f"train.compile: torch.compile on the CPU needs a C++ compiler ({compiler}), which "
+            "is not on PATH; install one or set train.compile: false."
+        )
+    return True
 
 
 def resolve_model_config(config: ExperimentConfig, vocab_size: int, pad_id: int) -> ModelConfig:
@@ -107,16 +136,32 @@ def resolve_model_config(config: ExperimentConfig, vocab_size: int, pad_id: int)
 
 @dataclass
 class StepPlan:
-    """How many optimizer steps the run takes, derived from the config and the data."""
+    """How many optimizer steps the run takes and how each is made, from the config and data.
+
+    ``grad_accum_steps`` micro-batches of ``batch_size`` windows per process make one
+    step of ``tokens_per_step`` tokens over all ``world`` processes.
+    """
 
     tokens_per_step: int
+    grad_accum_steps: int
     steps_per_epoch: int
     total_steps: int
 
     @classmethod
     def build(cls, train: TrainConfig, block_size: int, train_tokens: int, world: int) -> StepPlan:
-        tokens_per_step = train.batch_size * world * train.grad_accum_steps * block_size
+        """Raises ConfigError when ``train.tokens_per_step`` is no whole number of micro-batches."""
+        micro = train.batch_size * world * block_size  # tokens of one micro-batch, all processes
+        accum = train.grad_accum_steps
+        if train.tokens_per_step is not None:
+            if train.tokens_per_step % micro:
+                raise ConfigError(
+                    f"train.tokens_per_step ({train.tokens_per_step}) is not a multiple of "
+                    f"batch_size x block_size x processes = {train.batch_size} x {block_size} "
+                    f"x {world} = {micro}; choose a multiple of {micro} or another batch_size."
+                )
+            accum = train.tokens_per_step // micro
+        tokens_per_step = micro * accum
         epoch_tokens = train.tokens_per_epoch or train_tokens
         steps_per_epoch = max(1, epoch_tokens // tokens_per_step)
         total = train.max_steps or train.num_epochs * steps_per_epoch
-        return cls(tokens_per_step, steps_per_epoch, total)
+        return cls(tokens_per_step, accum, steps_per_epoch, total)

@@ -4,7 +4,8 @@
 times); :func:`trainer_state` and :func:`restore_trainer_state` turn it, the
 optimizer, the gradient scaler and every random number generator into the
 ``trainer.pt`` dictionary and back, which is what makes a resumed run end with
-the same weights as an uninterrupted one. :func:`graceful_interrupt` turns the
+the same weights as an uninterrupted one. :class:`LossMeter` keeps the training
+loss on the device between log lines. :func:`graceful_interrupt` turns the
 first Ctrl-C into a stop request the loop answers at the next step boundary.
 """
 
@@ -38,11 +39,10 @@ class TrainState:
         """Wall-clock seconds of the whole run so far, over every resumed session."""
         return self.wall_time + time.perf_counter() - self.session_start
 
-    def advance(self, tokens: int, seconds: float) -> None:
-        """Count one optimizer step of ``tokens`` tokens that took ``seconds``."""
+    def advance(self, tokens: int) -> None:
+        """Count one optimizer step of ``tokens`` tokens."""
         self.step += 1
         self.tokens_seen += tokens
-        self.train_time += seconds
 
     def record_eval(self, val_loss: float) -> bool:
         """Remember an evaluation; True when it is the best so far."""
@@ -53,34 +53,81 @@ class TrainState:
         return improved
 
 
+class LossMeter:
+    """Training losses summed on the device, read only when logged (no per-step host sync).
+
+    It also remembers, on the device, the first step whose loss was not finite,
+    so the loop can stop before anything is saved from that step on.
+    """
+
+    def __init__(self, device: torch.device) -> None:
+        self._sum = torch.zeros((), dtype=torch.float64, device=device)
+        self._count = torch.zeros((), dtype=torch.int64, device=device)
+        self._first_bad = torch.full((), -1, dtype=torch.int64, device=device)
+
+    def add(self, loss: torch.Tensor, step: int) -> None:
+        """Count the loss of optimizer step ``step`` (1-based), a device scalar."""
+        finite = torch.isfinite(loss)
+        self._sum += torch.where(finite, loss.detach().double(), 0.0)
+        self._count += finite
+        first = (self._first_bad < 0) & ~finite
+        self._first_bad = torch.where(first, step, self._first_bad)
+
+    def first_nonfinite_step(self) -> int | None:
+        """The first step whose loss was NaN or infinite (reads the device), or None."""
+        step = int(self._first_bad)
+        return step if step >= 0 else None
+
+    def mean(self) -> float:
+        """The mean finite loss since the last reading (reads the device); a new window."""
+        value = (self._sum / self._count.clamp(min=1)).item()
+        self._sum.zero_()
+        self._count.zero_()
+        return value
+
+
 class ThroughputMeter:
-    """Training tokens per second over the steps since the last reading."""
+    """Training time and tokens between the points where the host waits for the device.
+
+    On a GPU a step only queues work, so time is read where the loop synchronises
+    anyway (a log line, an evaluation, a checkpoint), never per step.
+    """
 
     def __init__(self) -> None:
         self.restart()
 
     def restart(self) -> None:
-        """Start a new window (after an evaluation or a checkpoint: not training time)."""
+        """Start a stretch of training (after an evaluation or a checkpoint: not training time)."""
         self._start, self._tokens = time.perf_counter(), 0
 
     def add(self, tokens: int) -> None:
         self._tokens += tokens
 
-    def read(self) -> float:
-        """Tokens per second since the window started; starts the next window."""
-        rate = self._tokens / max(time.perf_counter() - self._start, 1e-9)
+    def lap(self) -> tuple[float, float]:
+        """Seconds and tokens per second since the last lap or restart; starts the next lap."""
+        elapsed = time.perf_counter() - self._start
+        rate = self._tokens / max(elapsed, 1e-9)
         self.restart()
-        return rate
+        return elapsed, rate
+
+
+def rng_state(device: torch.device) -> dict[str, torch.Tensor | None]:
+    """This process's random number generators (dropout masks, ...)."""
+    cuda = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
+    return {"torch": torch.get_rng_state(), "cuda": cuda}
 
 
 def trainer_state(
     state: TrainState,
-    optimizer: torch.optim.Optimizer,
+    optimizer: torch.optim.Optimizer | None,
     scaler: torch.amp.GradScaler,
-    data_gen: torch.Generator,
-    device: torch.device,
+    data_state: torch.Tensor,
+    rng_per_rank: list[dict[str, torch.Tensor | None]],
 ) -> dict[str, Any]:
-    """The ``trainer.pt`` dictionary: counters, optimizer, scaler and RNG states."""
+    """The ``trainer.pt`` dictionary: counters, optimizer, scaler and every rank's RNG states.
+
+    ``optimizer`` is None when its state is saved elsewhere (sharded, under FSDP).
+    """
     return {
         "step": state.step,
         "tokens_seen": state.tokens_seen,
@@ -89,29 +136,40 @@ def trainer_state(
         "train_time": state.train_time,
         "wall_time": state.wall(),
         "last_eval": dict(state.last_eval),
-        "optimizer": optimizer.state_dict(),
+        "optimizer": optimizer.state_dict() if optimizer is not None else None,
         "scaler": scaler.state_dict(),
-        "rng_torch": torch.get_rng_state(),
-        "rng_cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
-        "rng_data": data_gen.get_state(),
+        "rng": rng_per_rank,
+        "rng_data": data_state,
     }
 
 
 def restore_trainer_state(
     saved: dict[str, Any],
     state: TrainState,
-    optimizer: torch.optim.Optimizer,
+    optimizer: torch.optim.Optimizer | None,
     scaler: torch.amp.GradScaler,
-    data_gen: torch.Generator,
+    rank: int,
     device: torch.device,
-) -> None:
-    """Put a :func:`trainer_state` dictionary back into the objects it was taken from."""
-    optimizer.load_state_dict(saved["optimizer"])
+    fallback_seed: int,
+) -> torch.Tensor:
+    """Put a :func:`trainer_state` dictionary back; returns the data generator's state.
+
+    Each rank takes back its own RNG states, so dropout masks continue to differ
+    between ranks. A run resumed on more processes than saved it gives the new
+    ranks ``fallback_seed`` plus the step (the data order, which all ranks share,
+    still continues exactly).
+    """
+    if optimizer is not None:
+        optimizer.load_state_dict(saved["optimizer"])
     scaler.load_state_dict(saved["scaler"])
-    torch.set_rng_state(saved["rng_torch"])
-    if saved["rng_cuda"] is not None and device.type == "cuda":
-        torch.cuda.set_rng_state(saved["rng_cuda"], device)
-    data_gen.set_state(saved["rng_data"])
+    # checkpoints of ropelm 0.1 kept the main process's generators only
+    rng = saved.get("rng") or [{"torch": saved["rng_torch"], "cuda": saved.get("rng_cuda")}]
+    if rank < len(rng):
+        torch.set_rng_state(rng[rank]["torch"])
+        if rng[rank]["cuda"] is not None and device.type == "cuda":
+            torch.cuda.set_rng_state(rng[rank]["cuda"], device)
+    else:
+        torch.manual_seed(fallback_seed + saved["step"])
     state.step = saved["step"]
     state.tokens_seen = saved["tokens_seen"]
     state.best_val_loss = saved["best_val_loss"]
@@ -119,6 +177,7 @@ def restore_trainer_state(
     state.train_time = saved["train_time"]
     state.wall_time = saved["wall_time"]
     state.last_eval = dict(saved["last_eval"])
+    return saved["rng_data"]
 
 
 @contextlib.contextmanager

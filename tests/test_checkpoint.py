@@ -21,7 +21,7 @@ CONFIG = ModelConfig(block_size=16, vocab_size=40, n_layer=1, n_head=2, n_embd=1
 def _save(root, model, step, val_loss, pointers=("last",)):
     return save_checkpoint(
         root,
-        model=model,
+        weights={k: v.detach().clone() for k, v in model.state_dict().items()},
         model_config=CONFIG,
         plugins=[],
         trainer_state={"step": step, "rng": torch.get_rng_state(), "note": [1, 2.5, None]},
@@ -98,7 +98,7 @@ def test_failed_write_keeps_the_previous_checkpoint(tmp_path):
         config = ModelConfig(**{CONFIG.model_dump()!r})
         model = TransformerLM.from_config(config)
         root = __import__("pathlib").Path({str(tmp_path)!r}) / "checkpoints"
-        kw = dict(model=model, model_config=config, plugins=[], trainer_state={{}},
+        kw = dict(weights=model.state_dict(), model_config=config, plugins=[], trainer_state={{}},
                   tokenizer_path=None, pointers=("last", "best"))
         save_checkpoint(root, step=1, val_loss=1.0, **kw)
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)

@@ -188,12 +188,37 @@ def test_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path, cac
     raw["plugins"] = ["nan_plugin.py"]
     raw["model"]["att_type"] = "NaN-After-10"
     config = Experiment.load(write_yaml(tmp_path / "nan.yaml", raw))
-    with pytest.raises(TrainingError, match=r"became nan at step 11; stopped without saving"):
+    with pytest.raises(
+        TrainingError, match=r"became non-finite at step 11; stopped without saving"
+    ):
         run_experiment(config, out_dir=tmp_path / "run", progress=False)
     last = resolve_checkpoint(tmp_path / "run", "last")
     assert json.loads((last / "checkpoint.json").read_text())["step"] == 10
     weights = load_file(str(last / "model.safetensors"))
     assert all(torch.isfinite(t).all() for t in weights.values())
+
+
+OOM_PLUGIN = NAN_PLUGIN.replace("NaN-After-10", "OOM-After-10").replace(
+    'return y * float("nan") if self.calls > 10 else y',
+    'if self.calls > 10:\n            raise torch.OutOfMemoryError("CUDA out of memory.")\n'
+    "        return y",
+)
+
+
+def test_out_of_memory_is_one_sentence_and_keeps_the_last_checkpoint(
+    tmp_path, cache_dir, assert_one_sentence
+):
+    (tmp_path / "oom_plugin.py").write_text(OOM_PLUGIN)
+    raw = tiny_experiment(cache_dir, max_steps=30, eval_every=5)
+    raw["plugins"] = ["oom_plugin.py"]
+    raw["model"]["att_type"] = "OOM-After-10"
+    config = Experiment.load(write_yaml(tmp_path / "oom.yaml", raw))
+    with pytest.raises(TrainingError, match="ran out of memory at step 11") as info:
+        run_experiment(config, out_dir=tmp_path / "run", progress=False)
+    assert "lower train.batch_size" in str(info.value)
+    assert_one_sentence(str(info.value))
+    last = resolve_checkpoint(tmp_path / "run", "last")
+    assert json.loads((last / "checkpoint.json").read_text())["step"] == 10
 
 
 def test_ctrl_c_saves_a_resumable_checkpoint(tmp_path, cache_dir):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -156,6 +157,20 @@ def test_run_dir_without_checkpoints(registry, tmp_path, runs):
     (empty / "config.yaml").write_text((runs["RoPE-SM"] / "config.yaml").read_text())
     with pytest.raises(CheckpointError, match="No 'best' checkpoint"):
         evaluate_run(empty, registry, lengths=["1x"])
+
+
+def test_a_gpu_fp16_run_evaluates_in_float32_on_the_cpu(registry, tmp_path, runs):
+    """fp16 autocast is CUDA's: the same weights evaluated on the CPU run in float32."""
+    gpu_run = tmp_path / "gpu-run"
+    shutil.copytree(runs["RoPE-SM"], gpu_run)
+    config = yaml.safe_load((gpu_run / "config.yaml").read_text())
+    config["train"]["precision"] = "fp16"
+    (gpu_run / "config.yaml").write_text(yaml.safe_dump(config))
+    kwargs = {"lengths": ["1x"], "max_windows": 4, "methods": ["nonoverlapping"]}
+    fp16 = evaluate_run(gpu_run, registry, device="cpu", **kwargs)
+    fp32 = evaluate_run(runs["RoPE-SM"], registry, device="cpu", **kwargs)
+    cell = fp16["results"]["1x"]["nonoverlapping"]
+    assert cell["loss"] == fp32["results"]["1x"]["nonoverlapping"]["loss"]
 
 
 def invoke(*args: object) -> tuple[int, str]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from functools import partial
 
 import numpy as np
 import pytest
@@ -199,3 +200,40 @@ def test_evaluate_loss_weights_batches_by_their_non_padding_targets(tmp_path):
     keep = y != pad
     expected = F.cross_entropy(logits[keep], y[keep]).item()
     assert got == pytest.approx(expected, rel=1e-5)
+
+
+class HostReads:
+    """Counts reads of tensor values into Python (each one a device sync on a GPU)."""
+
+    METHODS = ("item", "tolist", "__bool__", "__float__", "__int__")
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.count = 0
+        for name in self.METHODS:
+            monkeypatch.setattr(torch.Tensor, name, self._counting(getattr(torch.Tensor, name)))
+
+    def _counting(self, method):
+        def read(tensor, *args, **kwargs):
+            self.count += 1
+            return method(tensor, *args, **kwargs)
+
+        return read
+
+
+@pytest.mark.parametrize("variant", ["ALiBi", "RoPE-SM"])
+def test_evaluation_reads_from_the_device_once(token_file, monkeypatch, variant):
+    """No per-batch synchronisation: sums stay on the device until the end (the dense
+    backend plans ALiBi's key spans once for the latest shape, in the warm-up calls)."""
+    config = ModelConfig(block_size=16, vocab_size=64, n_layer=1, n_head=2, n_embd=32,
+                         dropout=0.0, att_type=variant)  # fmt: skip
+    model = TransformerLM.from_config(config).eval()
+    evaluate = partial(evaluate_loss, model, token_file, batch_size=4, block_size=16)
+    extrapolate = partial(length_perplexity, model, token_file, length=32, batch_size=2)
+    reads = HostReads(monkeypatch)
+    for run, warm_up, measured in ((evaluate, {"max_batches": 1}, {"max_batches": 5}),
+                                   (extrapolate, {"max_windows": 1},
+                                    {"max_windows": 6, "stride": 16})):  # fmt: skip
+        run(**warm_up)
+        reads.count = 0
+        run(**measured)
+        assert reads.count == 1

@@ -5,9 +5,9 @@ import pytest
 import torch
 
 from ropelm import ModelConfig, TransformerLM
-from ropelm.config import TrainConfig
+from ropelm.config import TrainConfig, validate
 from ropelm.errors import ConfigError
-from ropelm.recipe import StepPlan, build_optimizer, lr_at, resolve_precision
+from ropelm.recipe import StepPlan, build_optimizer, lr_at, resolve_compile, resolve_precision
 
 
 def test_lr_warms_up_linearly_then_follows_a_cosine_to_the_floor():
@@ -64,3 +64,45 @@ def test_precision_defaults_to_fp32_on_cpu_and_rejects_fp16_there():
         assert (torch.ones(2, 2) @ torch.ones(2, 2)).dtype == torch.float32
     with pytest.raises(ConfigError, match="fp16 needs a CUDA device"):
         resolve_precision("fp16", cpu)
+
+
+def test_tokens_per_step_derives_the_accumulation_for_any_number_of_processes():
+    tc = TrainConfig(batch_size=4, tokens_per_step=4 * 16 * 8)
+    one = StepPlan.build(tc, block_size=16, train_tokens=100_000, world=1)
+    four = StepPlan.build(tc, block_size=16, train_tokens=100_000, world=4)
+    assert (one.grad_accum_steps, four.grad_accum_steps) == (8, 2)
+    assert one.tokens_per_step == four.tokens_per_step == 512
+    assert one.total_steps == four.total_steps  # the same optimisation either way
+
+
+def test_tokens_per_step_must_be_whole_micro_batches(assert_one_sentence):
+    tc = TrainConfig(batch_size=4, tokens_per_step=1000)
+    with pytest.raises(ConfigError, match=r"not a multiple of .* = 4 x 16 x 2 = 128") as info:
+        StepPlan.build(tc, block_size=16, train_tokens=10_000, world=2)
+    assert_one_sentence(str(info.value))
+    with pytest.raises(ConfigError, match="not both"):
+        validate({"train": {"tokens_per_step": 512, "grad_accum_steps": 2}})
+
+
+def test_compile_is_on_by_default_on_cuda_only(monkeypatch, assert_one_sentence):
+    cpu = torch.device("cpu")
+    assert resolve_compile("auto", cpu) is False
+    assert resolve_compile(False, torch.device("cuda")) is False
+    assert TrainConfig().compile == "auto" and TrainConfig(compile=True).compile is True
+    monkeypatch.setattr("shutil.which", lambda name: None)
+    with pytest.raises(ConfigError, match="needs a C\\+\\+ compiler") as info:
+        resolve_compile(True, cpu)
+    assert_one_sentence(str(info.value))
+
+
+def test_auto_precision_does_not_take_emulated_bf16(monkeypatch):
+    """V100 and T4 emulate bf16 slowly: they get fp16 with a gradient scaler."""
+    calls = []
+
+    def is_bf16_supported(including_emulation: bool = True) -> bool:
+        calls.append(including_emulation)
+        return including_emulation  # an emulating GPU
+
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", is_bf16_supported)
+    precision = resolve_precision("auto", torch.device("cuda"))
+    assert calls == [False] and precision.dtype == torch.float16 and precision.needs_grad_scaler

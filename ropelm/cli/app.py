@@ -66,6 +66,11 @@ quiet_option = click.option("--quiet", is_flag=True, help="No progress bars.")
 
 
 def print_summary(summary: dict) -> None:
+    """The run's one-line result (by the main process only, under torchrun)."""
+    from ropelm.distributed import context_from_env
+
+    if not context_from_env().is_main:
+        return
     click.echo(
         f"done: {summary['att_type']}, {summary['n_params']:,} parameters, "
         f"{summary['tokens_seen']:,} tokens, val loss {summary['initial_val_loss']:.4f} -> "

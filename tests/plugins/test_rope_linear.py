@@ -110,3 +110,24 @@ def test_bf16_model_keeps_float32_state():
 def test_options_are_validated(options, message):
     with pytest.raises(ConfigError, match=message):
         Registry.default().get("RoPE-Linear").parse_options(options)
+
+
+def test_linear_attention_runs_in_float32_outside_autocast(registry):
+    """Under the engine's autocast the projections may run in bf16 or fp16, the running
+    sums never (fp16 overflows them past 65,504 at long lengths)."""
+    torch.manual_seed(0)
+    cfg = config()
+    layer = registry.resolve(cfg).build_layer(cfg).eval()
+    inside = []
+    attend = layer._attend
+
+    def spy(*args):
+        y = attend(*args)
+        inside.append((torch.is_autocast_enabled("cpu"), y.dtype))
+        return y
+
+    layer._attend = spy
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        out = layer(torch.randn(2, 64, cfg.n_embd))
+    assert inside == [(False, torch.float32)]
+    assert out.dtype == torch.bfloat16  # the output projection still runs under autocast
