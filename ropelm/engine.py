@@ -425,6 +425,7 @@ class Trainer:
             "world_size": self.dist.world_size,
             "parallel": self.train_config.parallel if self.dist.launched else None,
             "device": str(self.device),
+            "precision": self.precision.name,
             "versions": {
                 "ropelm": ropelm.__version__,
                 "torch": torch.__version__,

@@ -1,16 +1,16 @@
 """DDP and FSDP2 under torchrun (2 CPU processes, gloo): same optimisation, exact resume.
 
-Two DDP processes and two FSDP processes see the same batches and draw the same
-dropout masks (each rank seeds its own generator), so their losses agree up to
-float32 round-off in the gradient reductions (one process against two is
-``test_distributed.py``). A run killed with SIGKILL and
-resumed ends with the weights of the uninterrupted run (dropout 0.1, so every
-rank's random state must come back), and a two-process FSDP checkpoint resumes
-in one process (the shards are re-partitioned).
+One process with batch_size 4, two DDP processes and two FSDP processes with
+batch_size 2 each (dropout 0) see the same global batches, so their losses agree
+up to float32 round-off in the gradient reductions. A run killed with SIGKILL
+and resumed ends with the weights of the uninterrupted run (dropout 0.1, so
+every rank's random state must come back), and a two-process FSDP checkpoint
+resumes in one process (the shards are re-partitioned).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -34,17 +34,17 @@ STEPS = 20
 pytestmark = pytest.mark.slow
 
 
-def experiment(cache: Path, batch_size: int, parallel: str, **train: object) -> dict:
+def experiment(cache: Path, batch_size: int, parallel: str, dropout: float) -> dict:
     return {
         "name": "parallel",
         "model": {"block_size": 32, "vocab_size": 512, "n_layer": 2, "n_head": 2, "n_embd": 32,
-                  "dropout": 0.1},
+                  "dropout": dropout},
         "tokenizer": {"max_documents": 300},
         "data": {"source": "wiki-sample", "max_documents": 400, "cache_dir": str(cache)},
         # 128 tokens = 4 windows a step, whatever the number of processes
         "train": {"max_steps": STEPS, "batch_size": batch_size, "tokens_per_step": 128,
-                  "learning_rate": 3e-3, "log_every": 1, "eval_every": 10, "save_every": 2,
-                  "parallel": parallel, **train},
+                  "learning_rate": 3e-3, "log_every": 1, "eval_every": 10, "save_every": 5,
+                  "parallel": parallel},
         "eval": {"max_batches": 4},
     }  # fmt: skip
 
@@ -59,9 +59,13 @@ def run(command: list[str]) -> None:
     assert proc.returncode == 0, proc.stderr[-3000:]
 
 
-def losses(run_dir: Path) -> list[float]:
+def metric(run_dir: Path, key: str) -> list[float]:
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    return [row["train_loss"] for row in rows if "train_loss" in row]
+    return [row[key] for row in rows if key in row]
+
+
+def losses(run_dir: Path) -> list[float]:
+    return metric(run_dir, "train_loss")
 
 
 def weights(run_dir: Path) -> dict[str, torch.Tensor]:
@@ -75,39 +79,70 @@ def last_step(run_dir: Path) -> int:
         return 0
 
 
+def descendants(pid: int) -> list[int]:
+    """Every live process below ``pid`` (torchrun starts its workers in sessions of their
+    own, so killing the launcher's process group would leave them running)."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:  # "pid (comm) state ppid ...": comm may hold spaces, so split after the ')'
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    found, stack = [], [pid]
+    while stack:
+        found.extend(kids := children.get(stack.pop(), []))
+        stack.extend(kids)
+    return found
+
+
 def kill_midway(command: list[str], run_dir: Path, at_step: int) -> int:
-    """Start ``command``, SIGKILL its whole process group once a checkpoint of ``at_step``
-    or later exists; the step it was killed at."""
-    proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            start_new_session=True)  # fmt: skip
+    """Start ``command``; once a checkpoint of ``at_step`` or later exists, SIGKILL it and
+    every process it started at once (a machine failing); the step it was killed at."""
+    proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 300
     while last_step(run_dir) < at_step and proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.01)
-    os.killpg(proc.pid, signal.SIGKILL)
+    for pid in [*descendants(proc.pid), proc.pid]:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
     proc.wait()
     return last_step(run_dir)
 
 
-@pytest.fixture(scope="module")
-def runs(tmp_path_factory) -> dict[str, Path]:
-    """Uninterrupted runs of two DDP processes and two FSDP processes."""
-    root = tmp_path_factory.mktemp("parallel")
+def train_runs(root: Path, dropout: float, setups: tuple) -> dict[str, Path]:
     out = {}
-    for parallel in ("ddp", "fsdp"):
-        path = root / f"{parallel}.yaml"
-        path.write_text(yaml.safe_dump(experiment(root / "cache", 2, parallel)))
-        out[parallel] = root / parallel
-        run([*torchrun(2, "run"), path, "--out", out[parallel], "--quiet"])
+    for name, nproc, batch_size, parallel in setups:
+        path = root / f"{name}.yaml"
+        path.write_text(yaml.safe_dump(experiment(root / "cache", batch_size, parallel, dropout)))
+        out[name] = root / name
+        run([*torchrun(nproc, "run"), path, "--out", out[name], "--quiet"])
     return out
 
 
-def test_ddp_and_fsdp_train_the_same_model(runs):
-    ddp, fsdp = losses(runs["ddp"]), losses(runs["fsdp"])
-    assert len(ddp) == len(fsdp) == STEPS
-    assert max(abs(a - b) for a, b in zip(ddp, fsdp, strict=True)) <= LOSS_TOLERANCE
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory) -> dict[str, Path]:
+    """Without dropout: one process (batch 4), two DDP and two FSDP processes (batch 2)."""
+    setups = (("one", 1, 4, "ddp"), ("ddp", 2, 2, "ddp"), ("fsdp", 2, 2, "fsdp"))
+    return train_runs(tmp_path_factory.mktemp("parallel"), 0.0, setups)
+
+
+@pytest.fixture(scope="module")
+def dropout_runs(runs) -> dict[str, Path]:
+    """With dropout 0.1 (the same data cache): two DDP and two FSDP processes."""
+    setups = (("ddp-dropout", 2, 2, "ddp"), ("fsdp-dropout", 2, 2, "fsdp"))
+    return train_runs(runs["one"].parent, 0.1, setups)
+
+
+def test_one_process_ddp_and_fsdp_train_the_same_model(runs):
+    for key, count in (("train_loss", STEPS), ("val_loss", STEPS // 10 + 1)):
+        one, ddp, fsdp = (metric(runs[name], key) for name in ("one", "ddp", "fsdp"))
+        assert len(one) == len(ddp) == len(fsdp) == count
+        assert max(abs(a - b) for a, b in zip(one, ddp, strict=True)) <= LOSS_TOLERANCE
+        assert max(abs(a - b) for a, b in zip(ddp, fsdp, strict=True)) <= LOSS_TOLERANCE
     summary = json.loads((runs["fsdp"] / "summary.json").read_text())
     assert summary["parallel"] == "fsdp" and summary["world_size"] == 2
-    assert summary["tokens_seen"] == STEPS * 4 * 32
+    assert summary["tokens_seen"] == STEPS * 4 * 32  # the global batch, counted once
     checkpoint = resolve_checkpoint(runs["fsdp"], "last")
     assert (checkpoint / "sharded" / ".metadata").is_file()  # torch.distributed.checkpoint
     full = weights(runs["fsdp"])  # and the whole model in one safetensors file
@@ -115,16 +150,17 @@ def test_ddp_and_fsdp_train_the_same_model(runs):
 
 
 @pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
-def test_sigkill_then_resume_equals_the_uninterrupted_run(runs, tmp_path, parallel):
+def test_sigkill_then_resume_equals_the_uninterrupted_run(dropout_runs, tmp_path, parallel):
+    uninterrupted = dropout_runs[f"{parallel}-dropout"]
     config = tmp_path / "exp.yaml"
-    config.write_text(yaml.safe_dump(experiment(runs["ddp"].parent / "cache", 2, parallel)))
+    config.write_text(yaml.safe_dump(experiment(uninterrupted.parent / "cache", 2, parallel, 0.1)))
     killed = tmp_path / "killed"
-    at = kill_midway(torchrun(2, "run", config, "--out", killed, "--quiet"), killed, 6)
-    assert 6 <= at < STEPS, "the run must be killed midway"
+    at = kill_midway(torchrun(2, "run", config, "--out", killed, "--quiet"), killed, 5)
+    assert 5 <= at < STEPS, "the run must be killed midway"
     if parallel == "fsdp":  # the same checkpoint, resumed on one process below
         shutil.copytree(killed, tmp_path / "single")
     run(torchrun(2, "run", config, "--resume", killed, "--quiet"))
-    full, resumed = weights(runs[parallel]), weights(killed)
+    full, resumed = weights(uninterrupted), weights(killed)
     for name in full:
         assert (full[name] - resumed[name]).abs().max() <= RESUME_TOLERANCE, name
     if parallel == "fsdp":  # one process, two micro-batches a step: the same optimisation,
@@ -134,12 +170,12 @@ def test_sigkill_then_resume_equals_the_uninterrupted_run(runs, tmp_path, parall
         summary = json.loads((tmp_path / "single" / "summary.json").read_text())
         assert summary["world_size"] == 1 and summary["tokens_seen"] == STEPS * 128
         # but the second process's dropout masks cannot come back: close, not equal
-        assert max(abs(a - b) for a, b in zip(after, losses(runs["fsdp"]), strict=True)) < 0.05
+        assert max(abs(a - b) for a, b in zip(after, losses(uninterrupted), strict=True)) < 0.05
 
 
 def test_fsdp_without_torchrun_is_one_sentence(runs, tmp_path):
     config = tmp_path / "exp.yaml"
-    config.write_text(yaml.safe_dump(experiment(runs["ddp"].parent / "cache", 2, "fsdp")))
+    config.write_text(yaml.safe_dump(experiment(runs["one"].parent / "cache", 2, "fsdp", 0.0)))
     command = [sys.executable, "-m", "ropelm.cli", "run", config, "--out", tmp_path / "r"]
     proc = subprocess.run(command, capture_output=True, text=True)
     assert proc.returncode == 1
