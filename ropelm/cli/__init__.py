@@ -8,6 +8,7 @@ imported. Every command builds at most one plugin registry and passes it down.
 from ropelm.cli import (  # noqa: F401 (imported to register their commands)
     bench,
     compare,
+    device_check,
     eval,
     generate,
     plugins,

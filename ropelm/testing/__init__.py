@@ -11,10 +11,12 @@ or one at a time (``check_causality(my_spec)``, ...; see :data:`CHECKS`).
 
 Each check builds a small :class:`ropelm.TransformerLM` and/or a single
 attention layer (``spec.factory``) from :func:`conformance_config`, on the CPU in
-float32 unless it says otherwise, raises :class:`AssertionError` with a message
-naming the variant and what went wrong, and raises :class:`NotApplicable` when
-the variant's declared :class:`ropelm.Capabilities` rule the check out (no KV
-cache, not causal). Each docstring states the check's tolerance.
+float32 unless it says otherwise (the flex check and those of
+:mod:`ropelm.testing.device_checks` run on CUDA in bf16), raises
+:class:`AssertionError` with a message naming the variant and what went
+wrong, and raises :class:`NotApplicable` when the variant's declared
+:class:`ropelm.Capabilities` rule the check out (no KV cache, not causal) or
+the device it needs is missing. Each docstring states the check's tolerance.
 
 Weights: the default initialisation (std 0.02) makes q . k nearly zero, so
 attention is almost uniform and a position bug (a wrong offset in the KV cache,
@@ -44,6 +46,11 @@ from ropelm.testing.checks import (
     check_output_shape_and_dtype,
     check_sequence_lengths,
 )
+from ropelm.testing.device_checks import (
+    DEVICE_CHECKS,
+    check_device_bf16_matches_cpu_fp32,
+    check_device_kv_cache_matches_full_forward,
+)
 from ropelm.testing.harness import (
     Check,
     NotApplicable,
@@ -61,6 +68,7 @@ from ropelm.testing.kernel_checks import (
 
 __all__ = [
     "CHECKS",
+    "DEVICE_CHECKS",
     "CheckResult",
     "NotApplicable",
     "build_layer",
@@ -71,6 +79,8 @@ __all__ = [
     "check_causality",
     "check_dense_matches_reference",
     "check_determinism",
+    "check_device_bf16_matches_cpu_fp32",
+    "check_device_kv_cache_matches_full_forward",
     "check_document_mask_isolates_documents",
     "check_dropout_only_in_train_mode",
     "check_flex_matches_dense_on_cuda",
@@ -99,6 +109,7 @@ CHECKS: tuple[Check, ...] = (
     check_backends_agree,
     check_dense_matches_reference,
     check_flex_matches_dense_on_cuda,
+    *DEVICE_CHECKS,
 )
 
 

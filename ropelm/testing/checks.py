@@ -23,6 +23,7 @@ from ropelm.testing.harness import (
     build_layer,
     build_model,
     cut_points,
+    decode_chunk_sizes,
     derive_config,
     max_abs_diff,
     model_logits,
@@ -291,18 +292,6 @@ def check_sequence_lengths(spec: AttentionSpec, config: ModelConfig | None = Non
             )
 
 
-def _chunk_sizes(length: int) -> list[int]:
-    """Irregular chunk sizes summing to ``length``: a prefill, single tokens, odd chunks."""
-    pattern = [max(1, length // 4), 1, 1, 3, 2, 5]
-    sizes, total, i = [], 0, 0
-    while total < length:
-        size = min(pattern[i % len(pattern)], length - total)
-        sizes.append(size)
-        total += size
-        i += 1
-    return sizes
-
-
 @torch.no_grad()
 def check_kv_cache_matches_full_forward(
     spec: AttentionSpec, config: ModelConfig | None = None
@@ -326,7 +315,7 @@ def check_kv_cache_matches_full_forward(
     idx = random_tokens(config, B, T, seed=2)
     full_y = layer(x)
     full_logits = model_logits(model, idx)
-    for label, sizes in (("token by token", [1] * T), ("in chunks", _chunk_sizes(T))):
+    for label, sizes in (("token by token", [1] * T), ("in chunks", decode_chunk_sizes(T))):
         cache = layer.init_cache(B, T, x.device, x.dtype)
         state = model.init_decode_state(B, T)
         ys, logits, start = [], [], 0

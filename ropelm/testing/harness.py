@@ -191,3 +191,15 @@ def require_causal(spec: AttentionSpec) -> None:
 
 
 # -- the checks ------------------------------------------------------------------------------
+
+
+def decode_chunk_sizes(length: int) -> list[int]:
+    """Irregular chunk sizes summing to ``length``: a prefill, single tokens, odd chunks."""
+    pattern = [max(1, length // 4), 1, 1, 3, 2, 5]
+    sizes, total, i = [], 0, 0
+    while total < length:
+        size = min(pattern[i % len(pattern)], length - total)
+        sizes.append(size)
+        total += size
+        i += 1
+    return sizes

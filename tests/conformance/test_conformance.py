@@ -181,6 +181,13 @@ def test_capabilities_make_checks_not_applicable() -> None:
         check_causality(spec)
 
 
+CUDA_CHECKS = [
+    "check_flex_matches_dense_on_cuda",
+    "check_device_bf16_matches_cpu_fp32",
+    "check_device_kv_cache_matches_full_forward",
+]
+
+
 def test_run_all_reports_not_applicable_and_passes() -> None:
     spec = make_spec("Plain-NoCache", SelfAttention, kv_cache=False)
     results = {r.check: r for r in run_all(spec)}
@@ -188,7 +195,7 @@ def test_run_all_reports_not_applicable_and_passes() -> None:
     expected_na = {  # no cache, no document mask declared, no CUDA here (if so)
         "check_kv_cache_matches_full_forward",
         "check_document_mask_isolates_documents",
-        *(["check_flex_matches_dense_on_cuda"] if not torch.cuda.is_available() else []),
+        *(CUDA_CHECKS if not torch.cuda.is_available() else []),
     }
     assert {n for n, r in results.items() if r.outcome == "not applicable"} == expected_na
     assert {r.outcome for name, r in results.items() if name not in expected_na} == {"passed"}
