@@ -185,3 +185,16 @@ def test_activation_checkpointing_gives_the_same_gradients(att_type):
     assert forwards == {False: 1, True: 2}  # recomputed in the backward pass
     for name, grad in grads[False].items():
         torch.testing.assert_close(grads[True][name], grad, rtol=0, atol=1e-6, msg=name)
+
+
+@pytest.mark.parametrize("att_type", ["Learned-APE", "Sinusoidal-APE", "RoPE-SM", "RoPE-Linear"])
+def test_training_forward_compiles_into_one_graph(att_type):
+    """No host syncs in the forward pass (positions are Python ints, tables are sliced):
+    torch.compile captures it whole (dynamo's explain counts the graph breaks)."""
+    import torch._dynamo
+
+    model = small_model(att_type=att_type, dropout=0.1).train()
+    idx = torch.randint(0, model.config.vocab_size, (2, 16))
+    torch._dynamo.reset()
+    explanation = torch._dynamo.explain(model)(idx, idx)
+    assert explanation.graph_break_count == 0, explanation.break_reasons
