@@ -7,8 +7,10 @@ prefetched batches -- against karpathy/nanoGPT's ``model.py``
 (https://github.com/karpathy/nanoGPT), read from a local copy whose path the
 caller gives (never bundled with ropelm). Both train the same shape on the same
 batches (the same :class:`~ropelm.batches.TrainBatches`) with the same batch
-size, precision, compile setting, optimizer hyper-parameters and clipping, in
-the same process; rounds alternate so drift hits both alike.
+size, precision, compile setting, clipping and optimizer (ropelm's
+``build_optimizer``: fused AdamW, decay on matrices only, which is nanoGPT's
+grouping too), in the same process, so only the model code differs; rounds
+alternate so drift hits both alike.
 
 The architectures differ only where the methods do: ropelm's RoPE-SM rotates q
 and k, nanoGPT adds a learned position table; nanoGPT ties its LM head to the
@@ -41,7 +43,7 @@ from ropelm.distributed import DistributedContext
 from ropelm.engine import Trainer, TrainingError
 from ropelm.errors import ConfigError
 from ropelm.experiment import Experiment
-from ropelm.recipe import resolve_compile, resolve_precision
+from ropelm.recipe import build_optimizer, resolve_compile, resolve_precision
 from ropelm.runs import RunDir
 from ropelm.tokenfile import TokenFile
 from ropelm.tokenizer import TokenizerInfo
@@ -138,7 +140,8 @@ def load_nanogpt(path: str | Path) -> ModuleType:
 
 @dataclass
 class PeerStep:
-    """nanoGPT's model trained with the recipe of :class:`EngineStep` on the same batches."""
+    """nanoGPT's model trained with the recipe and optimizer of :class:`EngineStep` on the
+    same batches."""
 
     model: torch.nn.Module
     train_model: torch.nn.Module
@@ -159,9 +162,6 @@ class PeerStep:
         torch.manual_seed(tc.seed)
         with contextlib.redirect_stdout(io.StringIO()):  # it prints its parameter count
             model = nanogpt.GPT(config).to(trainer.device).train()
-            optimizer = model.configure_optimizers(
-                tc.weight_decay, tc.learning_rate, tc.betas, trainer.device.type
-            )
         compiled = resolve_compile(tc.compile, trainer.device)
         batches = TrainBatches(
             trainer.data.train, batch_size=tc.batch_size, block_size=mc.block_size,
@@ -171,7 +171,7 @@ class PeerStep:
         return cls(
             model=model,
             train_model=torch.compile(model) if compiled else model,
-            optimizer=optimizer,
+            optimizer=build_optimizer(model, tc, trainer.device),  # only the model differs
             batches=batches,
             autocast=resolve_precision(tc.precision, trainer.device).autocast,
             max_grad_norm=tc.max_grad_norm,

@@ -3,7 +3,7 @@
 The GPU figures come from running ``benchmarks/gpu/check.sh`` on a CUDA machine;
 here ``--device cpu --smoke`` runs every part at toy sizes. The peer is a small
 stand-in written below with nanoGPT's interface (``GPTConfig``, ``GPT(config)``,
-``forward(idx, targets) -> (logits, loss)``, ``configure_optimizers``), so the
+``forward(idx, targets) -> (logits, loss)``), so the
 loading and timing path runs without nanoGPT's code in this repository.
 """
 
@@ -56,10 +56,6 @@ class GPT(nn.Module):
         if targets is None:
             return logits, None
         return logits, F.cross_entropy(logits.flatten(0, 1), targets.flatten())
-
-    def configure_optimizers(self, weight_decay, learning_rate, betas, device_type):
-        return torch.optim.AdamW(self.parameters(), lr=learning_rate, betas=betas,
-                                 weight_decay=weight_decay)
 '''
 
 EXPERIMENTS = Path(__file__).resolve().parents[1] / "experiments"
