@@ -11,10 +11,12 @@ causal kernel (the ``sdpa`` backend); a KV cache serves incremental decoding.
 Options (:class:`ropelm.rope.RoPEOptions`, shared by the softmax RoPE variants):
 ``n_kv_head`` (grouped-query attention) and ``softcap`` (logit soft-cap, which
 moves the layer to the flex or dense backend), and the context-extension
-``scaling`` (``none | linear | ntk | yarn``), ``scale_factor``,
-``original_max_len``, ``yarn_alpha``, ``yarn_beta`` (see
-:class:`ropelm.rope.RopeScaling`), which change only the RoPE tables, never the
-parameters.
+``scaling`` (``none | linear | ntk | dynamic | yarn | llama3 | abf``), ``scale_factor``,
+``original_max_position_embeddings``, ``beta_fast``, ``beta_slow`` (YaRN),
+``low_freq_factor``, ``high_freq_factor`` (Llama 3.1) and ``new_base`` (ABF) (see
+:mod:`ropelm.rope_scaling`), which change only the RoPE tables, never the
+parameters. ``dynamic`` past the original length makes cached decoding differ from
+one full forward pass, as in transformers (see :class:`ropelm.rope.RopeTables`).
 """
 
 from __future__ import annotations

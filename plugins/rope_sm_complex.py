@@ -8,8 +8,10 @@ x_{2i} + i x_{2i+1} and multiplied by e^{i m theta_i}. This is the same rotation
 as ``RoPE-SM`` (same pairing, same angles); it exists to cross-check the real
 form, and the two are tested to agree to 1e-5 (float32) and 1e-10 (float64).
 It takes the same options as ``RoPE-SM`` (:class:`ropelm.rope.RoPEOptions`:
-grouped-query attention, soft-cap and context-extension scaling); with YaRN the
-unit complex numbers get the magnitude 0.1 ln(s) + 1, exactly like the real tables.
+grouped-query attention, soft-cap and every context-extension scaling of
+:mod:`ropelm.rope_scaling`); with YaRN the unit complex numbers get the magnitude
+0.1 ln(s) + 1, exactly like the real tables, and ``dynamic`` past the original length
+computes the rotation of each call at its end position, as :class:`ropelm.rope.RopeTables`.
 """
 
 from __future__ import annotations
@@ -24,10 +26,25 @@ from ropelm.tables import PositionTables
 
 
 def complex_rotation(
-    length: int, head_dim: int, base: float, scaling: RopeScaling | None, device: torch.device
+    length: int,
+    head_dim: int,
+    base: float,
+    scaling: RopeScaling | None,
+    device: torch.device,
+    start: int = 0,
+    current_len: int | None = None,
 ) -> torch.Tensor:
-    """Complex numbers a e^{i m theta_i} (T, hs/2), complex128; a = YaRN's factor or 1."""
-    angles = rope_angles(length, head_dim, base, scaling=scaling, device=device)  # float64
+    """Complex numbers a e^{i m theta_i} (T, hs/2), complex128, m = start .. start + length - 1;
+    a = YaRN's factor or 1; ``current_len`` as in :func:`ropelm.rope.rope_inv_freq`."""
+    angles = rope_angles(
+        length,
+        head_dim,
+        base,
+        start=start,
+        scaling=scaling,
+        current_len=current_len,
+        device=device,
+    )  # (T, hs/2) float64
     factor = scaling.attention_factor if scaling is not None else 1.0
     return torch.polar(torch.full_like(angles, factor), angles)  # (T, hs/2)
 
@@ -56,7 +73,13 @@ class ComplexRotaryEmbedding:
     ) -> tuple[torch.Tensor, torch.Tensor]:
         # complex64 tables for float32 and narrower inputs, complex128 for float64
         dtype = torch.complex128 if q.dtype == torch.float64 else torch.complex64
-        (rotation,) = self.tables.get(start, start + q.size(2), q.device, dtype)  # (T, hs/2)
+        end = start + q.size(2)
+        if self.scaling is not None and self.scaling.depends_on_length(end):  # dynamic past L
+            rotation = complex_rotation(
+                end - start, self.head_dim, self.base, self.scaling, q.device, start, end
+            ).to(dtype)  # (T, hs/2)
+        else:
+            (rotation,) = self.tables.get(start, end, q.device, dtype)  # (T, hs/2)
         return apply_rotary_emb_complex(q, rotation), apply_rotary_emb_complex(k, rotation)
 
 

@@ -17,84 +17,32 @@ The tables are computed in float64 and stored in float32 (float64 when asked),
 whatever dtype the model trains in: a bf16 table would lose the angle at large
 positions. No complex numbers are used on this path.
 
-Context-window extension (:class:`RopeScaling`) changes only the frequencies
-(and, for YaRN, the magnitude of the tables), never the parameters, so a model
-trained without scaling can be evaluated with it:
-
-* ``linear`` -- position interpolation (Chen et al., 2023,
-  https://arxiv.org/abs/2306.15595): theta_i / s, i.e. position m acts as m / s.
-* ``ntk`` -- NTK-aware base scaling
-  (https://www.reddit.com/r/LocalLLaMA/comments/14lz7j5/):
-  base' = base * s ** (hs / (hs - 2)); high frequencies barely move, the lowest
-  one is interpolated by exactly s.
-* ``yarn`` -- YaRN (Peng et al., 2023, https://arxiv.org/abs/2309.00071), "NTK-by-parts"
-  plus temperature. With L the original context length, lambda_i = 2 pi / theta_i
-  and r_i = L / lambda_i (how many turns dimension i makes over L)::
-
-      gamma_i = 0 if r_i < alpha, 1 if r_i > beta, (r_i - alpha) / (beta - alpha) otherwise
-      theta'_i = (1 - gamma_i) * theta_i / s + gamma_i * theta_i
-
-  and the logits are divided by the temperature t with sqrt(1 / t) = 0.1 ln(s) + 1:
-  both cos and sin tables are multiplied by 0.1 ln(s) + 1, so q . k scales by its
-  square once q and k are rotated (the paper's "scale both q and k" form).
+Context-window extension (:class:`ropelm.rope_scaling.RopeScaling`: linear, ntk,
+dynamic, yarn, llama3, abf) changes only the frequencies (and, for YaRN, the magnitude
+of the tables), never the parameters, so a model trained without scaling can be
+evaluated with it; the formulas live in :mod:`ropelm.rope_scaling`. ``dynamic`` is the
+one whose frequencies depend on the length reached (start + T of a forward pass): see
+:class:`RopeTables` for what that means with a KV cache.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import math
-from typing import Any, Literal
+from typing import Any
 
 import torch
 
 from ropelm.attention import SoftmaxOptions
 from ropelm.config import ModelConfig
 from ropelm.errors import ConfigError
+from ropelm.rope_scaling import (
+    OPTION_APPLIES_TO,
+    RopeScaling,
+    ScalingKind,
+    check_scaling_values,
+    default_inv_freq,
+)
 from ropelm.tables import PositionTables, table_dtype
-
-ScalingKind = Literal["none", "linear", "ntk", "yarn"]
-
-
-@dataclasses.dataclass(frozen=True)
-class RopeScaling:
-    """How RoPE frequencies are rescaled to run beyond the training context length.
-
-    Attributes:
-        kind: ``none``, ``linear`` (position interpolation), ``ntk`` (NTK-aware base
-            scaling) or ``yarn`` (NTK-by-parts ramp + attention temperature).
-        factor: the context extension factor s (>= 1): evaluate at s times ``original_max_len``.
-        original_max_len: the training context length L (``yarn`` only).
-        alpha, beta: YaRN's ramp bounds on r = L / wavelength (paper: 1 and 32).
-    """
-
-    kind: ScalingKind = "none"
-    factor: float = 1.0
-    original_max_len: int | None = None
-    alpha: float = 1.0
-    beta: float = 32.0
-
-    def __post_init__(self) -> None:
-        if self.kind not in ("none", "linear", "ntk", "yarn"):
-            raise ValueError(f"RoPE scaling must be none, linear, ntk or yarn; got {self.kind!r}.")
-        if not self.factor >= 1.0:
-            raise ValueError(f"RoPE scale factor must be >= 1, got {self.factor}.")
-        if self.kind == "yarn" and (self.original_max_len is None or self.original_max_len < 1):
-            raise ValueError("YaRN scaling needs original_max_len, the training context length.")
-        if not 0.0 <= self.alpha < self.beta:
-            raise ValueError(f"YaRN needs 0 <= alpha < beta, got {self.alpha}, {self.beta}.")
-
-    @property
-    def attention_factor(self) -> float:
-        """Multiplier of the cos/sin tables: YaRN's sqrt(1/t) = 0.1 ln(s) + 1, else 1."""
-        if self.kind == "yarn" and self.factor > 1.0:
-            return 0.1 * math.log(self.factor) + 1.0
-        return 1.0
-
-    def inv_freq(
-        self, head_dim: int, base: float = 10000.0, device: torch.device | str | None = None
-    ) -> torch.Tensor:
-        """The scaled frequencies theta'_i in float64, shape (head_dim // 2,)."""
-        return rope_inv_freq(head_dim, base, scaling=self, device=device)
 
 
 def rope_inv_freq(
@@ -102,26 +50,17 @@ def rope_inv_freq(
     base: float = 10000.0,
     *,
     scaling: RopeScaling | None = None,
+    current_len: int | None = None,
     device: torch.device | str | None = None,
 ) -> torch.Tensor:
-    """Frequencies theta_i = base ** (-2i / hs) in float64, shape (hs/2,), after ``scaling``."""
-    if head_dim <= 0 or head_dim % 2:
-        raise ValueError(f"RoPE needs a positive, even head size; got {head_dim}.")
-    kind = scaling.kind if scaling is not None else "none"
-    if kind == "ntk":
-        if head_dim <= 2:
-            raise ValueError("NTK-aware scaling needs a head size above 2.")
-        base = base * scaling.factor ** (head_dim / (head_dim - 2))
-    inv_freq = base ** (
-        -torch.arange(0, head_dim, 2, dtype=torch.float64, device=device) / head_dim
-    )
-    if kind == "linear":
-        inv_freq = inv_freq / scaling.factor
-    elif kind == "yarn":
-        turns = scaling.original_max_len * inv_freq / (2 * math.pi)  # r_i = L / lambda_i
-        gamma = ((turns - scaling.alpha) / (scaling.beta - scaling.alpha)).clamp(0.0, 1.0)
-        inv_freq = (1.0 - gamma) * inv_freq / scaling.factor + gamma * inv_freq
-    return inv_freq
+    """Frequencies theta_i = base ** (-2i / hs) in float64, shape (hs/2,), after ``scaling``.
+
+    ``current_len`` is the length the sequence has reached, read by ``dynamic`` scaling
+    only (None: the original length, i.e. the trained frequencies).
+    """
+    if scaling is None:
+        return default_inv_freq(head_dim, base, device)
+    return scaling.inv_freq(head_dim, base, current_len=current_len, device=device)
 
 
 def rope_angles(
@@ -132,14 +71,18 @@ def rope_angles(
     start: int = 0,
     position_scale: float = 1.0,
     scaling: RopeScaling | None = None,
+    current_len: int | None = None,
     device: torch.device | str | None = None,
 ) -> torch.Tensor:
     """Angles m * theta_i in float64, shape (seq_len, head_dim // 2), m = start, start + 1, ...
 
     ``position_scale`` multiplies the positions (< 1 is linear position interpolation);
-    ``scaling`` rescales the frequencies (see :class:`RopeScaling`).
+    ``scaling`` rescales the frequencies (see :class:`RopeScaling`), at ``current_len``
+    for ``dynamic`` scaling (see :func:`rope_inv_freq`).
     """
-    inv_freq = rope_inv_freq(head_dim, base, scaling=scaling, device=device)  # (hs/2,)
+    inv_freq = rope_inv_freq(
+        head_dim, base, scaling=scaling, current_len=current_len, device=device
+    )  # (hs/2,)
     positions = torch.arange(start, start + seq_len, dtype=torch.float64, device=device)
     return torch.outer(positions * position_scale, inv_freq)  # (T, hs/2)
 
@@ -154,12 +97,15 @@ def build_rope_cache(
     start: int = 0,
     position_scale: float = 1.0,
     scaling: RopeScaling | None = None,
+    current_len: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Precompute the RoPE tables ``(cos, sin)``, each of shape (seq_len, head_dim // 2).
 
     Row m holds cos(m * theta_i) and sin(m * theta_i). ``dtype`` must be float32
     or float64: tables are never kept in half precision. With YaRN ``scaling`` both
-    tables are multiplied by its attention factor (see :class:`RopeScaling`).
+    tables are multiplied by its attention factor (see :class:`RopeScaling`);
+    ``dynamic`` scaling computes the frequencies at ``current_len`` (None: the
+    original length, i.e. the trained frequencies).
     """
     if dtype not in (torch.float32, torch.float64):
         raise ValueError(f"RoPE tables are kept in float32 or float64, not {dtype}.")
@@ -170,6 +116,7 @@ def build_rope_cache(
         start=start,
         position_scale=position_scale,
         scaling=scaling,
+        current_len=current_len,
         device=device,
     )
     cos, sin = angles.cos(), angles.sin()  # (T, hs/2) float64
@@ -228,6 +175,17 @@ class RopeTables:
     Kept outside the module's buffers on purpose: ``Module.to(torch.bfloat16)``
     must not cast them, and they are derived state that has no place in a
     checkpoint.
+
+    ``dynamic`` scaling: a call that ends at or below the original length L reads the
+    cached trained tables; one that ends past it (end = start + T > L) gets tables
+    computed for that call at L_cur = end, for all its positions. Under cached decoding
+    the keys already in the KV cache keep the rotation of the step that wrote them (as
+    in transformers, whose ``dynamic`` recomputes the frequencies as the length grows
+    and never re-rotates cached keys), so past L decoding token by token does not
+    reproduce one forward pass over the whole sequence, whose every position uses
+    L_cur = the full length; up to L the two agree exactly. ropelm reads L_cur from
+    each call afresh, where transformers keeps the largest length seen until a
+    sequence shorter than L resets it; for one growing sequence the two coincide.
     """
 
     def __init__(
@@ -261,9 +219,16 @@ class RopeTables:
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Tables (cos, sin) for positions start..end-1, each (end - start, hs/2).
 
-        float64 for float64 inputs, else float32 (:func:`ropelm.tables.table_dtype`).
+        float64 for float64 inputs, else float32 (:func:`ropelm.tables.table_dtype`);
+        computed for this call when ``dynamic`` scaling runs past the original length.
         """
-        cos, sin = self._tables.get(start, end, device, table_dtype(x_dtype))
+        dtype = table_dtype(x_dtype)
+        if self.scaling is not None and self.scaling.depends_on_length(end):
+            return build_rope_cache(
+                end - start, self.head_dim, self.base, dtype=dtype, device=device, start=start,
+                position_scale=self.position_scale, scaling=self.scaling, current_len=end,
+            )  # fmt: skip
+        cos, sin = self._tables.get(start, end, device, dtype)
         return cos, sin
 
 
@@ -287,40 +252,51 @@ class RotaryEmbedding:
 @dataclasses.dataclass(frozen=True)
 class RoPEOptions(SoftmaxOptions):
     """``model.att_options`` of the softmax RoPE variants: those of every softmax variant
-    (``n_kv_head``, ``softcap``) and context-extension scaling.
+    (``n_kv_head``, ``softcap``) and context-extension scaling (:mod:`ropelm.rope_scaling`).
 
     Attributes:
-        scaling: RoPE context-extension method; ``none`` keeps the trained tables.
-        scale_factor: extension factor s >= 1 (must stay 1 with ``scaling: none``).
-        original_max_len: training context length L for YaRN (None: model.block_size).
-        yarn_alpha, yarn_beta: YaRN ramp bounds (paper: 1 and 32).
+        scaling: ``none`` (the trained tables), ``linear``, ``ntk``, ``dynamic``, ``yarn``,
+            ``llama3`` or ``abf``.
+        scale_factor: extension factor s >= 1; stays 1 with ``none`` and ``abf``.
+        original_max_position_embeddings: training context length L of ``dynamic``,
+            ``yarn`` and ``llama3`` (None: model.block_size).
+        beta_fast, beta_slow: YaRN's ramp bounds in rotations over L (reference: 32, 1).
+        low_freq_factor, high_freq_factor: Llama 3.1's wavelength bounds L / factor
+            (reference: 1, 4).
+        new_base: the raised base (rope_theta) of ``abf``, required with it.
 
     Scaling changes only the RoPE tables, never the parameters: load a checkpoint
     trained with ``scaling: none`` into a model with ``scaling: yarn, scale_factor: 4``
-    to evaluate it at 4x the training length.
+    to evaluate it at 4x the training length. A method-specific option given with
+    another ``scaling`` is an error, not silently ignored.
     """
 
     scaling: ScalingKind = "none"
     scale_factor: float = 1.0
-    original_max_len: int | None = None
-    yarn_alpha: float = 1.0
-    yarn_beta: float = 32.0
+    original_max_position_embeddings: int | None = None
+    beta_fast: float = 32.0
+    beta_slow: float = 1.0
+    low_freq_factor: float = 1.0
+    high_freq_factor: float = 4.0
+    new_base: float | None = None
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if not self.scale_factor >= 1.0:
-            raise ValueError(f"scale_factor must be >= 1, got {self.scale_factor}")
-        if self.scaling == "none" and self.scale_factor != 1.0:
-            raise ValueError(
-                f"scale_factor={self.scale_factor} has no effect with scaling 'none'; "
-                "set scaling to linear, ntk or yarn, or remove scale_factor"
-            )
-        if self.original_max_len is not None and self.original_max_len < 1:
-            raise ValueError(f"original_max_len must be >= 1, got {self.original_max_len}")
-        if not 0.0 <= self.yarn_alpha < self.yarn_beta:
-            raise ValueError(
-                f"need 0 <= yarn_alpha < yarn_beta, got {self.yarn_alpha} and {self.yarn_beta}"
-            )
+        defaults = {field.name: field.default for field in dataclasses.fields(RoPEOptions)}
+        for name, kinds in OPTION_APPLIES_TO.items():
+            if getattr(self, name) != defaults[name] and self.scaling not in kinds:
+                raise ValueError(
+                    f"{name} applies to scaling {' or '.join(kinds)} only, not "
+                    f"'{self.scaling}'; remove it or change scaling"
+                )
+        check_scaling_values(
+            self.scaling, self.scale_factor, beta_fast=self.beta_fast, beta_slow=self.beta_slow,
+            low_freq_factor=self.low_freq_factor, high_freq_factor=self.high_freq_factor,
+            new_base=self.new_base,
+        )  # fmt: skip
+        original = self.original_max_position_embeddings
+        if original is not None and original < 1:
+            raise ValueError(f"original_max_position_embeddings must be >= 1, got {original}")
 
     def rope_scaling(self, config: ModelConfig) -> RopeScaling | None:
         """The :class:`RopeScaling` these options ask for (None for ``scaling: none``)."""
@@ -329,9 +305,13 @@ class RoPEOptions(SoftmaxOptions):
         return RopeScaling(
             kind=self.scaling,
             factor=self.scale_factor,
-            original_max_len=self.original_max_len or config.block_size,
-            alpha=self.yarn_alpha,
-            beta=self.yarn_beta,
+            original_max_position_embeddings=self.original_max_position_embeddings
+            or config.block_size,
+            beta_fast=self.beta_fast,
+            beta_slow=self.beta_slow,
+            low_freq_factor=self.low_freq_factor,
+            high_freq_factor=self.high_freq_factor,
+            new_base=self.new_base,
         )
 
     def rotary_embedding(self, config: ModelConfig) -> RotaryEmbedding:
