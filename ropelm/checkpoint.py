@@ -33,7 +33,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from ropelm.atomic import atomic_write_json, file_sha256, fsync_dir, fsync_file
+from ropelm.atomic import atomic_write_json, file_sha256, fsync_dir, fsync_file, json_text
 from ropelm.config import ModelConfig
 from ropelm.errors import CheckpointError, RopelmError
 from ropelm.model import TransformerLM
@@ -126,7 +126,12 @@ def save_checkpoint(
             )
     except (OSError, SafetensorError) as err:
         full = getattr(err, "errno", None) in (errno.ENOSPC, errno.EDQUOT)
-        reason = "the disk is full" if full or "No space left" in str(err) else str(err)
+        limit = getattr(err, "errno", None) == errno.EFBIG
+        reason = (
+            "the disk is full" if full or "No space left" in str(err)
+            else "the file-size limit (ulimit -f) is reached" if limit
+            else str(err).removeprefix("[Errno 5] ")
+        )  # fmt: skip
         raise CheckpointError(
             f"Could not save the checkpoint of step {step} in {checkpoints_dir} ({reason}); "
             "free some space and resume with --resume, the previous checkpoints are intact."
@@ -149,10 +154,13 @@ def _write_checkpoint_dir(
     try:
         save_file(weights, str(tmp / WEIGHTS), metadata={"format": str(FORMAT_VERSION)})
         config_blob = {"model": model_config.model_dump(mode="json"), "plugins": list(plugins)}
-        (tmp / MODEL_CONFIG).write_text(json.dumps(config_blob, indent=2))
+        (tmp / MODEL_CONFIG).write_text(json_text(config_blob))
         if tokenizer_path is not None:
             shutil.copyfile(tokenizer_path, tmp / TOKENIZER)
-        torch.save(trainer_state, tmp / TRAINER_STATE)
+        try:
+            torch.save(trainer_state, tmp / TRAINER_STATE)
+        except RuntimeError as err:  # how torch reports a failed write (full disk, ulimit -f)
+            raise OSError(errno.EIO, f"writing {TRAINER_STATE} failed") from err
         files = sorted(str(p.relative_to(tmp)) for p in tmp.rglob("*") if p.is_file())
         manifest = {
             "format": FORMAT_VERSION,
@@ -257,10 +265,28 @@ def load_trainer_state(directory: Path) -> dict[str, Any]:
         ) from None
 
 
-def checkpoint_registry(path: str | Path, which: str = "best") -> Registry:
-    """The registry a checkpoint's model needs: built-ins, entry points and the plugin
-    modules its ``model_config.json`` names (those of the experiment that trained it)."""
-    _, plugins = read_model_config(resolve_checkpoint(Path(path), which))
+def checkpoint_registry(
+    path: str | Path, which: str = "best", *, trust_plugins: bool = False
+) -> Registry:
+    """The registry a checkpoint's model needs: built-ins and installed entry points, plus
+    the plugin modules its ``model_config.json`` names -- only with ``trust_plugins``.
+
+    Those modules (files or dotted names the training experiment listed) are code
+    that importing would run; a run directory from elsewhere must not run code just
+    by being evaluated or sampled from, so naming them is refused unless trusted
+    (as transformers' ``trust_remote_code``).
+
+    Raises:
+        CheckpointError: the checkpoint names plugin modules and ``trust_plugins`` is false.
+    """
+    directory = resolve_checkpoint(Path(path), which)
+    _, plugins = read_model_config(directory)
+    if plugins and not trust_plugins:
+        raise CheckpointError(
+            f"Checkpoint {directory} needs the plugin module(s) {', '.join(plugins)}, and "
+            "loading them would run their code; pass --trust-plugins if you trust where this "
+            "run came from."
+        )
     return Registry.default(plugins)
 
 

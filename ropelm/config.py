@@ -16,6 +16,9 @@ the plugins are loaded (see :mod:`ropelm.experiment`).
 from __future__ import annotations
 
 import copy
+import re
+import types
+import typing
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any, Literal
@@ -27,9 +30,32 @@ from pydantic import ConfigDict, Field, NonNegativeInt, PositiveFloat, PositiveI
 from ropelm.errors import ConfigError, format_validation_error
 
 DEFAULT_HUB_DATASET = "lucadiliello/english_wikipedia"
+RUN_NAME = re.compile(r"^[A-Za-z0-9_.-]+$")
 
 
-class ModelConfig(pydantic.BaseModel):
+def _accepts_bool(annotation: Any) -> bool:
+    """Whether a field's type admits a boolean (``bool``, ``bool | str``, ...)."""
+    if annotation is bool:
+        return True
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType, Literal):
+        return any(a is bool or isinstance(a, bool) or _accepts_bool(a)
+                   for a in typing.get_args(annotation))  # fmt: skip
+    return annotation is Any
+
+
+class _NoBoolNumbers(pydantic.BaseModel):
+    """Refuses YAML's true/false where a number is meant (pydantic would read true as 1)."""
+
+    @pydantic.field_validator("*", mode="before")
+    @classmethod
+    def _no_boolean_for_a_number(cls, value: Any, info: pydantic.ValidationInfo) -> Any:
+        field = cls.model_fields.get(info.field_name or "")
+        if isinstance(value, bool) and field is not None and not _accepts_bool(field.annotation):
+            raise ValueError(f"expected a number or text, not the boolean {str(value).lower()}")
+        return value
+
+
+class ModelConfig(_NoBoolNumbers):
     """Model hyperparameters, validated on construction (the seed's names and defaults).
 
     ``att_options`` holds the options of the chosen attention variant; they are
@@ -77,7 +103,7 @@ class ModelConfig(pydantic.BaseModel):
         return self.n_embd // self.n_head
 
 
-class _Section(pydantic.BaseModel):
+class _Section(_NoBoolNumbers):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
@@ -168,13 +194,23 @@ class EvalConfig(_Section):
 class ExperimentConfig(_Section):
     """A whole experiment, as read from YAML."""
 
-    name: str = "experiment"
+    name: str = "experiment"  # the run directory's name under runs/: one path component
     plugins: list[str] = Field(default_factory=list)
     model: ModelConfig = Field(default_factory=ModelConfig)
     tokenizer: TokenizerConfig = Field(default_factory=TokenizerConfig)
     data: DataConfig = Field(default_factory=DataConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
+
+    @pydantic.field_validator("name")
+    @classmethod
+    def _name_is_one_path_component(cls, name: str) -> str:
+        if not RUN_NAME.match(name) or name in (".", ".."):
+            raise ValueError(
+                "use letters, digits, '-', '_' and '.' only (it names the folder under runs/; "
+                "put a run elsewhere with --out)"
+            )
+        return name
 
 
 def parse_value(text: str) -> Any:
@@ -225,7 +261,7 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     except (OSError, UnicodeDecodeError) as err:
         raise ConfigError(f"Experiment file {path} cannot be read ({err}).") from None
     try:
-        raw = yaml.safe_load(text)
+        raw = yaml.load(text, Loader=_UniqueKeyLoader)  # a SafeLoader: plain data only
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
@@ -238,6 +274,22 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
             f"{path}: the top level must be a mapping of sections (model:, train:, ...)."
         )
     return raw
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """YAML's safe loader, refusing a key written twice in one mapping (which would
+    silently replace the first)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        seen: set[Any] = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"key '{key}' appears twice in one mapping", key_node.start_mark
+                )
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
 
 
 def validate(raw: Mapping[str, Any], *, base_dir: Path | None = None) -> ExperimentConfig:

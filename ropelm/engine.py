@@ -17,6 +17,8 @@ optimizer all continue from the saved state).
 from __future__ import annotations
 
 import contextlib
+import json
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -106,7 +108,7 @@ def train(
         meter.restart()
         trainer.model.train()
         while state.step < plan.total_steps:
-            if state.stop_requested:
+            if trainer.stop_agreed(log_step=state.step % tc.log_every == 0):
                 trainer.save_and_stop()
             lr = trainer.set_learning_rate()
             loss = trainer.train_step()  # forward, backward, clip, optimizer step (no host sync)
@@ -269,10 +271,24 @@ class Trainer:
         bad = losses.first_nonfinite_step()
         if bad is not None:
             raise TrainingError(
-                f"The training loss became non-finite at step {bad}; stopped without saving "
-                f"anything after it, the last good checkpoint is in {self.run_dir.checkpoints}. "
-                "Lower train.learning_rate or train.max_grad_norm and resume or restart."
+                f"The training loss became non-finite at step {bad}; {self.diverged()}"
             )
+
+    def diverged(self) -> str:
+        """The rest of a divergence message: where the last good checkpoint is, what to do."""
+        last = self.run_dir.checkpoints / "last.json"
+        if not last.is_file():
+            return (
+                "stopped before writing any checkpoint; lower train.learning_rate (or "
+                "train.max_grad_norm, or add train.warmup_steps) and start the run again."
+            )
+        step = json.loads(last.read_text()).get("step")
+        return (
+            f"stopped without saving anything after it; the last good checkpoint is step "
+            f"{step} in {self.run_dir.checkpoints}: continue from it with --resume "
+            f"{self.run_dir.path} --set train.learning_rate=... (lower; or train.max_grad_norm, "
+            "train.warmup_steps)."
+        )
 
     # -- logging, evaluation, checkpoints -----------------------------------------------------
 
@@ -318,6 +334,11 @@ class Trainer:
     def evaluate_and_checkpoint(self, bar: Any) -> None:
         """Evaluate, log, and save ``last`` (and ``best`` when the loss improved)."""
         val_loss = self.evaluate()
+        if not math.isfinite(val_loss):  # never a checkpoint, never a metrics row
+            raise TrainingError(
+                f"The validation loss became non-finite at step {self.state.step}; "
+                f"{self.diverged()}"
+            )
         improved = self.state.record_eval(val_loss)
         if self.dist.is_main:
             self.run_dir.append_metrics(
@@ -353,8 +374,20 @@ class Trainer:
             )  # fmt: skip
         self.dist.barrier()
 
+    def stop_agreed(self, log_step: bool) -> bool:
+        """Whether to stop for a signal now. One process: at the next step. Under torchrun
+        the processes agree (one all-reduce) at log steps only, so every rank stops and
+        saves at the same step without a host sync every step."""
+        if not self.dist.enabled:
+            return self.state.stop_requested
+        if not log_step:
+            return False
+        flag = torch.tensor(float(self.state.stop_requested), device=self.device)
+        return bool(self.dist.all_reduce_sum(flag).item() > 0)
+
     def save_and_stop(self) -> None:
-        """Answer a Ctrl-C: save a resumable checkpoint and stop with the command to resume."""
+        """Answer a Ctrl-C or SIGTERM: save a resumable checkpoint and stop with the command
+        to resume."""
         self.save(("last",))
         raise TrainingError(
             f"Interrupted at step {self.state.step}; a resumable checkpoint is saved, "

@@ -44,6 +44,10 @@ class CheckpointError(RopelmError):
     """A checkpoint is missing, corrupt or does not match the model."""
 
 
+class StorageError(RopelmError, OSError):
+    """A file could not be written (full disk, file-size limit, read-only directory)."""
+
+
 def closest(word: str, candidates: Iterable[str]) -> str | None:
     """Return the candidate closest to ``word`` (case-insensitive), if any is close."""
     candidates = list(candidates)

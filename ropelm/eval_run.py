@@ -24,6 +24,8 @@ instead of an error.
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import json
 import re
 from collections.abc import Iterable, Mapping
@@ -33,24 +35,25 @@ from typing import Any
 import torch
 from tabulate import tabulate
 
-from ropelm.atomic import atomic_write_json
+from ropelm.atomic import atomic_write_json, check_writable
 from ropelm.attention import ResolvedAttention
 from ropelm.checkpoint import load_weights, read_model_config, resolve_checkpoint, verify_checkpoint
 from ropelm.config import ModelConfig, validate
 from ropelm.distributed import resolve_device
-from ropelm.errors import ConfigError, RopelmError
+from ropelm.errors import ConfigError, DataError
 from ropelm.model import TransformerLM
 from ropelm.perplexity import (
     METHODS,
+    LengthSpecError,
     length_perplexity,
     parse_length,
     parse_stride,
     split_specs,
 )
 from ropelm.pipeline import cached_stages
-from ropelm.recipe import resolve_precision
+from ropelm.recipe import Precision, resolve_precision
 from ropelm.registry import Registry
-from ropelm.runs import RunDir
+from ropelm.runs import RunDir, exclusive_writer
 
 EVAL_FILE = "eval.json"
 NA = "n/a"
@@ -143,11 +146,41 @@ def evaluate_run(
         The dictionary written to the JSON file.
     """
     root = run_root(Path(run_dir))
-    checkpoint = resolve_checkpoint(Path(run_dir), which)
+    overrides = dict(att_options or {})
+    target = Path(out) if out is not None else root / eval_file_name(overrides)
+    check_writable(target)  # before minutes of computing, not after
+    into_run = target.resolve().parent == root.resolve()
+    with exclusive_writer(root) if into_run else contextlib.nullcontext():
+        report = _evaluate(
+            Path(run_dir), root, registry, overrides, lengths=lengths, max_windows=max_windows,
+            max_tokens=max_tokens, stride=stride, batch_size=batch_size, methods=methods,
+            which=which, device=device, attention_backend=attention_backend,
+        )  # fmt: skip
+        atomic_write_json(target, report)
+    report["path"] = str(target)
+    return report
+
+
+def _evaluate(
+    run_dir: Path,
+    root: Path,
+    registry: Registry,
+    overrides: dict[str, Any],
+    *,
+    lengths: Iterable[str] | None,
+    max_windows: int | None,
+    max_tokens: int | None,
+    stride: str,
+    batch_size: int | None,
+    methods: Iterable[str],
+    which: str,
+    device: str,
+    attention_backend: str | None,
+) -> dict[str, Any]:
+    checkpoint = resolve_checkpoint(run_dir, which)
     manifest = verify_checkpoint(checkpoint).manifest
     config = validate(RunDir(root).read_config())
     model_config, _ = read_model_config(checkpoint)
-    overrides = dict(att_options or {})
     model_config = model_config.model_copy(
         update={"att_options": {**model_config.att_options, **overrides}}
     )
@@ -158,20 +191,8 @@ def evaluate_run(
         if method not in METHODS:
             raise ConfigError(f"Unknown evaluation method '{method}'; use {' or '.join(METHODS)}.")
     specs = split_specs(list(lengths) if lengths is not None else config.eval.lengths)
-    if not specs:
-        raise ConfigError("No evaluation lengths given; pass e.g. --lengths 1x,2x,4x.")
+    parsed, configs_at, resolved = _plan_lengths(model_config, specs, stride, registry)
     block_size = model_config.block_size
-    parsed = {spec: parse_length(spec, block_size) for spec in specs}
-    for spec in specs:
-        parse_stride(stride, parsed[spec])  # a bad stride fails before any work
-    configs_at = {
-        label: model_config.model_copy(
-            update={"att_options": options_for_length(model_config.att_options, length, block_size)}
-        )
-        for label, length in parsed.items()
-    }
-    # each distinct set of options resolved once, all of them before any work
-    resolved = {_options_key(c): registry.resolve(c) for c in configs_at.values()}
     capabilities = next(iter(resolved.values())).spec.capabilities
 
     _, data = cached_stages(config, str(root / "config.yaml"))
@@ -180,10 +201,13 @@ def evaluate_run(
     if choice == "fp16" and torch_device.type != "cuda":
         choice = "fp32"  # a GPU run evaluated elsewhere: fp16 autocast is CUDA's alone
     precision = resolve_precision(choice, torch_device)
-    models = _ModelCache(checkpoint, torch_device, resolved)
     eot_id = data.meta["tokenizer"]["eot_id"] if config.train.document_mask else None
     window_batch = batch_size or config.eval.batch_size or config.train.batch_size
-    batch_tokens = window_batch * block_size
+    scorer = _Scorer(
+        models=_ModelCache(checkpoint, torch_device, resolved), split=data.val,
+        device=torch_device, precision=precision, batch_tokens=window_batch * block_size,
+        max_windows=max_windows, max_tokens=max_tokens, stride=stride, eot_id=eot_id,
+    )  # fmt: skip
     results: dict[str, Any] = {}
     for label, length in parsed.items():
         entry: dict[str, Any] = {"length": length}
@@ -196,29 +220,10 @@ def evaluate_run(
                     "reason": f"{model_config.att_type} does not run beyond its block size of "
                     f"{block_size} tokens (capabilities.extrapolates is False)",
                 }
-                continue
-            step = parse_stride(stride, length) if method == "strided" else length
-            model = models.get(configs_at[label])
-            try:
-                result = length_perplexity(
-                    model, data.val, length=length, stride=step,
-                    batch_size=max(1, batch_tokens // length), max_windows=max_windows,
-                    max_tokens=max_tokens, device=torch_device, autocast=precision.autocast,
-                    ignore_index=model_config.pad_token_id, eot_id=eot_id,
-                )  # fmt: skip
-            except RopelmError as err:  # too little data for this length, ...
-                entry[method] = {"status": NA, "reason": str(err).rstrip(".")}
-                continue
-            entry[method] = {
-                "loss": result.loss,
-                "ppl": result.ppl,
-                "tokens": result.tokens,
-                "windows": result.windows,
-                "backend": model.attention_backend(),
-            }
-            if method == "strided":
-                entry[method]["stride"] = step
+            else:
+                entry[method] = scorer.cell(configs_at[label], length, method)
         results[label] = entry
+    batch_tokens = scorer.batch_tokens
     report = {
         "run_dir": str(root),
         "checkpoint": str(checkpoint),
@@ -235,14 +240,69 @@ def evaluate_run(
         "device": str(torch_device),
         "results": results,
     }
-    target = Path(out) if out is not None else root / eval_file_name(overrides)
-    atomic_write_json(target, report)
-    report["path"] = str(target)
     return report
+
+
+def _plan_lengths(
+    model_config: ModelConfig, specs: list[str], stride: str, registry: Registry
+) -> tuple[dict[str, int], dict[str, ModelConfig], dict[str, ResolvedAttention]]:
+    """Lengths in tokens, the model config at each (``scale_factor: auto`` resolved) and each
+    distinct set of options resolved once: every error before any work."""
+    if not specs:
+        raise ConfigError("No evaluation lengths given; pass e.g. --lengths 1x,2x,4x.")
+    block_size = model_config.block_size
+    parsed = {spec: parse_length(spec, block_size) for spec in specs}
+    for spec in specs:
+        parse_stride(stride, parsed[spec])  # a bad stride fails before any work
+    configs_at = {
+        label: model_config.model_copy(
+            update={"att_options": options_for_length(model_config.att_options, length, block_size)}
+        )
+        for label, length in parsed.items()
+    }
+    resolved = {_options_key(c): registry.resolve(c) for c in configs_at.values()}
+    return parsed, configs_at, resolved
 
 
 def _options_key(config: ModelConfig) -> str:
     return json.dumps(config.att_options, sort_keys=True)
+
+
+@dataclasses.dataclass
+class _Scorer:
+    """Scores one (options, length, method) cell of the evaluation."""
+
+    models: _ModelCache
+    split: Any
+    device: torch.device
+    precision: Precision
+    batch_tokens: int
+    max_windows: int | None
+    max_tokens: int | None
+    stride: str
+    eot_id: int | None
+
+    def cell(self, config: ModelConfig, length: int, method: str) -> dict[str, Any]:
+        """The loss, perplexity and counts; n/a only when the data is too short for it."""
+        step = parse_stride(self.stride, length) if method == "strided" else length
+        model = self.models.get(config)
+        try:
+            result = length_perplexity(
+                model, self.split, length=length, stride=step,
+                batch_size=max(1, self.batch_tokens // length), max_windows=self.max_windows,
+                max_tokens=self.max_tokens, device=self.device, autocast=self.precision.autocast,
+                ignore_index=config.pad_token_id, eot_id=self.eot_id,
+            )  # fmt: skip
+        except (DataError, LengthSpecError) as err:  # too little data for this length
+            return {"status": NA, "reason": str(err).rstrip(".")}
+        cell = {
+            "loss": result.loss,
+            "ppl": result.ppl,
+            "tokens": result.tokens,
+            "windows": result.windows,
+            "backend": model.attention_backend(),
+        }
+        return cell | ({"stride": step} if method == "strided" else {})
 
 
 class _ModelCache:

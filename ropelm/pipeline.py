@@ -54,7 +54,10 @@ def train_only(
     """The training stage alone, on the tokenizer and token files prepared earlier."""
     config = experiment.config
     run_dir = RunDir(out_dir or default_run_dir(config))
-    with distributed_session(resolve_device(config.train.device)) as dist_ctx:
+    with (
+        distributed_session(resolve_device(config.train.device)) as dist_ctx,
+        run_dir.writing(enabled=dist_ctx.is_main),
+    ):
         tokenizer, data = cached_stages(config, experiment_file)
         if dist_ctx.is_main:
             run_dir.claim(config, resume=resume)
@@ -72,7 +75,10 @@ def run_experiment(
     """Run every stage of ``experiment``; returns the training summary."""
     config = experiment.config
     run_dir = RunDir(out_dir or default_run_dir(config))
-    with distributed_session(resolve_device(config.train.device)) as dist_ctx:
+    with (
+        distributed_session(resolve_device(config.train.device)) as dist_ctx,
+        run_dir.writing(enabled=dist_ctx.is_main),
+    ):
         if dist_ctx.is_main:  # one process builds the caches, the others then reuse them
             run_dir.claim(config, resume=resume)
             tokenizer = train_tokenizer(config, progress=progress)

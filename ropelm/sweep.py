@@ -36,7 +36,7 @@ from ropelm.atomic import atomic_write_json, atomic_write_text
 from ropelm.errors import ConfigError, RopelmError
 from ropelm.experiment import Experiment
 from ropelm.perplexity import split_specs
-from ropelm.runs import RunDir
+from ropelm.runs import RunDir, exclusive_writer
 from ropelm.variants import VariantChoice
 
 SWEEP_FILE = "sweep.json"
@@ -182,11 +182,31 @@ def run_sweep(
     Raises:
         SweepError: after all runs, when some failed (the message names them).
     """
-    from ropelm.eval_run import evaluate_run
-    from ropelm.pipeline import run_experiment
 
     sweep_dir, runs = plan_sweep(base, variants, seeds, out=out)
-    sweep_dir.mkdir(parents=True, exist_ok=True)
+    with exclusive_writer(sweep_dir, what="sweep"):  # a second sweep here: one sentence
+        _run_all(base, runs, sweep_dir, variants, seeds, lengths, max_windows, max_tokens,
+                 evaluate, progress, log, origin)  # fmt: skip
+    return sweep_dir, runs
+
+
+def _run_all(
+    base: Experiment,
+    runs: list[PlannedRun],
+    sweep_dir: Path,
+    variants: Sequence[VariantChoice],
+    seeds: Sequence[int],
+    lengths: Iterable[str] | None,
+    max_windows: int | None,
+    max_tokens: int | None,
+    evaluate: bool,
+    progress: bool,
+    log: Callable[[str], None],
+    origin: dict[str, Any] | None,
+) -> None:
+    """Every run of the sweep in order, the manifest after each, then the comparison."""
+    from ropelm.eval_run import evaluate_run
+    from ropelm.pipeline import run_experiment
 
     def save_manifest() -> None:
         atomic_write_json(
@@ -250,4 +270,3 @@ def run_sweep(
             f"{len(failed)} of {len(runs)} runs failed ({names}); see {sweep_dir / SWEEP_FILE} "
             "for the reasons, fix them and run the same sweep again to finish it."
         )
-    return sweep_dir, runs

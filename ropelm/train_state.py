@@ -182,19 +182,22 @@ def restore_trainer_state(
 
 @contextlib.contextmanager
 def graceful_interrupt(state: TrainState) -> Iterator[None]:
-    """First Ctrl-C: stop at the next step boundary and save; second: stop at once."""
+    """Ctrl-C (SIGINT) or SIGTERM (schedulers, ``docker stop``, ``kill``): stop at the next
+    step boundary and save a resumable checkpoint; a second signal stops at once."""
 
     def handler(signum: int, frame: Any) -> None:
         if state.stop_requested:
             raise KeyboardInterrupt
         state.stop_requested = True
 
+    watched = (signal.SIGINT, signal.SIGTERM)
     try:
-        previous = signal.signal(signal.SIGINT, handler)
+        previous = {signum: signal.signal(signum, handler) for signum in watched}
     except ValueError:  # not the main thread: leave signals alone
         yield
         return
     try:
         yield
     finally:
-        signal.signal(signal.SIGINT, previous)
+        for signum, old in previous.items():
+            signal.signal(signum, old)

@@ -5,15 +5,18 @@ import textwrap
 
 import pytest
 import torch
+from click.testing import CliRunner
 
 from ropelm import CheckpointError, ModelConfig, Registry, TransformerLM
 from ropelm.checkpoint import (
+    checkpoint_registry,
     load_model,
     load_trainer_state,
     resolve_checkpoint,
     save_checkpoint,
     verify_checkpoint,
 )
+from ropelm.cli import main
 
 CONFIG = ModelConfig(block_size=16, vocab_size=40, n_layer=1, n_head=2, n_embd=16, dropout=0.0)
 
@@ -119,3 +122,47 @@ def test_failed_write_keeps_the_previous_checkpoint(tmp_path):
     verify_checkpoint(resolve_checkpoint(tmp_path, "best"))
     leftovers = [p.name for p in (tmp_path / "checkpoints").iterdir() if p.name.startswith(".")]
     assert leftovers == []
+
+
+MARKER_PLUGIN = """
+import pathlib
+import ropelm
+
+pathlib.Path(__file__).with_suffix(".imported").touch()  # the code a checkpoint would run
+
+
+@ropelm.hookimpl
+def ropelm_register_attention(register):
+    register(ropelm.AttentionSpec(
+        name="Marker", description="test", reference="",
+        factory=lambda config, options: ropelm.SelfAttention(config),
+    ))
+"""
+
+
+@pytest.fixture
+def plugin_checkpoint(tmp_path):
+    """A checkpoint whose model_config.json names a plugin file that leaves a marker."""
+    plugin = tmp_path / "marker_plugin.py"
+    plugin.write_text(MARKER_PLUGIN)
+    config = CONFIG.model_copy(update={"att_type": "NoPE"})
+    model = TransformerLM.from_config(config)
+    save_checkpoint(
+        tmp_path / "checkpoints", weights=model.state_dict(), model_config=config,
+        plugins=[str(plugin)], trainer_state={}, step=1, val_loss=1.0, tokenizer_path=None,
+        pointers=("last", "best"),
+    )  # fmt: skip
+    (tmp_path / "config.yaml").write_text("name: marker\n")  # a run directory
+    return tmp_path, plugin.with_suffix(".imported")
+
+
+def test_plugins_named_by_a_checkpoint_are_not_imported_without_trust(plugin_checkpoint):
+    run_dir, marker = plugin_checkpoint
+    with pytest.raises(CheckpointError, match=r"marker_plugin.py, and loading them would run"):
+        checkpoint_registry(run_dir)
+    for command in (["generate", run_dir], ["eval", run_dir, "--lengths", "1x"]):
+        result = CliRunner().invoke(main, [str(part) for part in command])
+        assert result.exit_code == 1 and "pass --trust-plugins" in result.output
+    assert not marker.exists()
+    registry = checkpoint_registry(run_dir, trust_plugins=True)
+    assert marker.exists() and "Marker" in registry.names()

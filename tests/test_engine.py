@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -221,7 +222,8 @@ def test_out_of_memory_is_one_sentence_and_keeps_the_last_checkpoint(
     assert json.loads((last / "checkpoint.json").read_text())["step"] == 10
 
 
-def test_ctrl_c_saves_a_resumable_checkpoint(tmp_path, cache_dir):
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
+def test_a_stop_signal_saves_a_resumable_checkpoint(tmp_path, cache_dir, signum):
     raw = tiny_experiment(cache_dir, max_steps=400, eval_every=1000)
     raw["model"].update(n_embd=64, n_head=4)
     config_path = write_yaml(tmp_path / "exp.yaml", raw)
@@ -233,7 +235,7 @@ def test_ctrl_c_saves_a_resumable_checkpoint(tmp_path, cache_dir):
     deadline = time.monotonic() + 120
     while not (run_dir / "metrics.jsonl").exists() and time.monotonic() < deadline:
         time.sleep(0.05)
-    proc.send_signal(signal.SIGINT)
+    proc.send_signal(signum)
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 1
     assert "Traceback" not in err
@@ -301,3 +303,57 @@ def test_flex_for_cpu_training_is_refused_before_any_step(tmp_path, cache_dir, a
     assert "attention_backend: dense or auto" in str(info.value)
     assert_one_sentence(str(info.value))
     assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_divergence_before_any_checkpoint_leaves_nothing_and_says_restart(tmp_path, cache_dir):
+    raw = tiny_experiment(cache_dir, learning_rate=1e6, warmup_steps=0, max_steps=40,
+                          eval_every=20, log_every=2)  # fmt: skip
+    config = Experiment.load(write_yaml(tmp_path / "diverge.yaml", raw))
+    with pytest.raises(TrainingError, match="became non-finite at step") as info:
+        run_experiment(config, out_dir=tmp_path / "run", progress=False)
+    assert "stopped before writing any checkpoint" in str(info.value)
+    assert "start the run again" in str(info.value)
+    assert not (tmp_path / "run").exists()  # so starting again with a fix just works
+
+
+def test_resume_may_change_the_schedule_but_not_the_model(finished_run, tmp_path, cache_dir):
+    run_dir, _ = finished_run
+    copy = tmp_path / "run"
+    shutil.copytree(run_dir, copy)
+    path = write_yaml(tmp_path / "exp.yaml", tiny_experiment(cache_dir))
+    changed = Experiment.load(path, ["train.learning_rate=1e-3", "train.max_steps=28"])
+    summary = run_experiment(changed, out_dir=copy, resume=True, progress=False)
+    assert summary["steps"] == 28
+    history = [
+        json.loads(line) for line in (copy / "config_history.jsonl").read_text().splitlines()
+    ]
+    assert history == [{"resumed_at_step": 24, "changed": {
+        "train.learning_rate": [0.003, 0.001], "train.max_steps": [24, 28]}}]  # fmt: skip
+    assert yaml.safe_load((copy / "config.yaml").read_text())["train"]["max_steps"] == 28
+    other_model = Experiment.load(path, ["model.n_layer=3"])
+    with pytest.raises(ConfigError, match=r"model.n_layer: 2 there, 3 now\) \(a resume may"):
+        run_experiment(other_model, out_dir=copy, resume=True, progress=False)
+
+
+EVAL_NAN_PLUGIN = (
+    NAN_PLUGIN.replace("NaN-After-10", "Eval-NaN")
+    .replace(
+        'self.calls = getattr(self, "calls", 0) + self.training',
+        'self.calls = getattr(self, "calls", 0) + (not self.training)',
+    )
+    .replace("if self.calls > 10", "if self.calls > 8")
+)  # the third evaluation (4 batches each)
+
+
+def test_a_nan_validation_loss_never_becomes_a_checkpoint(tmp_path, cache_dir):
+    (tmp_path / "eval_nan.py").write_text(EVAL_NAN_PLUGIN)
+    raw = tiny_experiment(cache_dir, max_steps=30, eval_every=5)
+    raw["plugins"] = ["eval_nan.py"]
+    raw["model"]["att_type"] = "Eval-NaN"
+    config = Experiment.load(write_yaml(tmp_path / "nan.yaml", raw))
+    with pytest.raises(TrainingError, match=r"validation loss became non-finite at step 10"):
+        run_experiment(config, out_dir=tmp_path / "run", progress=False)
+    pointer = json.loads((tmp_path / "run" / "checkpoints" / "last.json").read_text())
+    assert pointer["step"] == 5 and pointer["val_loss"] is not None
+    for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines():
+        json.loads(line, parse_constant=lambda c: pytest.fail(f"{c} is not JSON"))

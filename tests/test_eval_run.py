@@ -13,7 +13,7 @@ from click.testing import CliRunner
 from ropelm.checkpoint import load_model
 from ropelm.cli import main
 from ropelm.data import load_prepared
-from ropelm.errors import CheckpointError, ConfigError
+from ropelm.errors import CheckpointError, ConfigError, StorageError
 from ropelm.eval_run import eval_file_name, evaluate_run
 from ropelm.experiment import Experiment
 from ropelm.model import TransformerLM
@@ -205,3 +205,34 @@ def test_cli_eval_bad_input_is_one_line(runs, args, message):
 def test_cli_eval_on_a_directory_that_is_not_a_run(tmp_path):
     code, out = invoke("eval", tmp_path)
     assert code == 1 and "is not a run directory" in out and out.count("\n") == 1
+
+
+def test_a_model_that_cannot_load_is_an_error_not_na(registry, tmp_path, runs):
+    """Failure is never recorded as data: no eval file, the previous one untouched."""
+    run = tmp_path / "run"
+    shutil.copytree(runs["RoPE-SM"], run)
+    evaluate_run(run, registry, lengths=["1x"], max_windows=2)
+    before = (run / "eval.json").read_text()
+    with pytest.raises(CheckpointError, match="does not match the model"):
+        evaluate_run(run, registry, lengths=["1x"], max_windows=2, att_options={"n_kv_head": 1})
+    assert not (run / "eval-n_kv_head-1.json").exists()
+    best = next((run / "checkpoints").glob("step-*")) / "model.safetensors"
+    best.write_bytes(best.read_bytes()[:-64])  # damaged weights
+    with pytest.raises(CheckpointError):
+        evaluate_run(run, registry, lengths=["1x"], max_windows=2)
+    assert (run / "eval.json").read_text() == before
+
+
+def test_an_unwritable_output_fails_before_computing(registry, tmp_path, runs, monkeypatch):
+    not_a_folder = tmp_path / "file"
+    not_a_folder.write_text("")
+    with pytest.raises(StorageError, match="is not a directory"):
+        evaluate_run(runs["RoPE-SM"], registry, lengths=["1x"], out=not_a_folder / "e.json")
+    monkeypatch.setattr(
+        "ropelm.eval_run.length_perplexity", lambda *a, **k: pytest.fail("computed first")
+    )
+    read_only = tmp_path / "read-only"
+    read_only.mkdir()
+    monkeypatch.setattr("os.access", lambda path, mode: Path(path) != read_only)
+    with pytest.raises(StorageError, match="permission is denied"):
+        evaluate_run(runs["RoPE-SM"], registry, lengths=["1x"], out=read_only / "eval.json")

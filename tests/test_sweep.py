@@ -133,7 +133,7 @@ def test_sweep_refuses_a_run_dir_of_another_experiment(experiment, tmp_path, ass
     run = runs[0]
     run.dir.mkdir(parents=True)
     other = yaml.safe_load(run.experiment.config.model_dump_json())
-    other["train"]["learning_rate"] = 0.5
+    other["train"]["weight_decay"] = 0.5  # not a resumable setting
     (run.dir / "config.yaml").write_text(yaml.safe_dump(other))
     (run.dir / "summary.json").write_text("{}")
     with pytest.raises(SweepError, match=r"1 of 1 runs failed \(NoPE seed 0\)") as info:

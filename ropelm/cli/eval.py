@@ -66,6 +66,12 @@ from ropelm.cli.app import main
     help="Kernel for attention (default: the run's model.attention_backend, usually auto).",
 )
 @click.option(
+    "--trust-plugins",
+    is_flag=True,
+    help="Import the plugin modules the checkpoint names (files or dotted names: code that "
+    "runs). Only for runs you trust; built-in and installed plugins need no flag.",
+)
+@click.option(
     "--out",
     "out_file",
     type=click.Path(dir_okay=False, path_type=Path),
@@ -84,6 +90,7 @@ def eval_command(
     which: str,
     device: str,
     attention_backend: str | None,
+    trust_plugins: bool,
     out_file: Path | None,
 ) -> None:
     """Validation perplexity of a run at several lengths (length extrapolation).
@@ -113,7 +120,7 @@ def eval_command(
     run_root(run_dir)  # a directory that is not a run: one sentence before anything loads
     report = evaluate_run(
         run_dir,
-        checkpoint_registry(run_dir, which),
+        checkpoint_registry(run_dir, which, trust_plugins=trust_plugins),
         lengths=list(lengths) or None,
         att_options=overrides,
         max_windows=max_windows,

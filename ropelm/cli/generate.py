@@ -26,6 +26,12 @@ from ropelm.cli.app import main
 @click.option("--which", type=click.Choice(["best", "last"]), default="best", show_default=True)
 @click.option("--no-cache", is_flag=True, help="Recompute the whole context for every token.")
 @click.option("--device", default="auto", show_default=True, help="cpu, cuda, cuda:1, ...")
+@click.option(
+    "--trust-plugins",
+    is_flag=True,
+    help="Import the plugin modules the checkpoint names (files or dotted names: code that "
+    "runs). Only for runs you trust; built-in and installed plugins need no flag.",
+)
 def generate_command(
     run_dir: Path,
     prompt: str,
@@ -37,6 +43,7 @@ def generate_command(
     which: str,
     no_cache: bool,
     device: str,
+    trust_plugins: bool,
 ) -> None:
     """Stream text from a trained model to stdout.
 
@@ -52,7 +59,11 @@ def generate_command(
     from ropelm.tokenizer import load_tokenizer
 
     directory = resolve_checkpoint(run_dir, which)
-    model = load_model(directory, checkpoint_registry(directory), device=resolve_device(device))
+    model = load_model(
+        directory,
+        checkpoint_registry(directory, trust_plugins=trust_plugins),
+        device=resolve_device(device),
+    )
     tokenizer = load_tokenizer(directory / "tokenizer.json")
     click.echo(prompt, nl=False)
     for piece in generate_text(
