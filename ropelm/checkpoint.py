@@ -25,6 +25,7 @@ from __future__ import annotations
 import errno
 import json
 import shutil
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -36,6 +37,7 @@ from safetensors.torch import load_file, save_file
 from ropelm.atomic import atomic_write_json, file_sha256, fsync_dir, fsync_file, json_text
 from ropelm.config import ModelConfig
 from ropelm.errors import CheckpointError, RopelmError
+from ropelm.hf_import import is_hf_dir, read_hf_model
 from ropelm.model import TransformerLM
 from ropelm.registry import Registry
 
@@ -181,9 +183,12 @@ def _write_checkpoint_dir(
 
 
 def resolve_checkpoint(path: Path, which: str = "best") -> Path:
-    """A run directory, its ``checkpoints/`` folder or a checkpoint directory -> checkpoint dir."""
+    """A run directory, its ``checkpoints/`` folder or a checkpoint directory -> checkpoint dir.
+
+    A transformers model directory (:mod:`ropelm.hf_import`) is its own checkpoint.
+    """
     path = Path(path)
-    if (path / MANIFEST).is_file():
+    if (path / MANIFEST).is_file() or is_hf_dir(path):
         return path
     for checkpoints_dir in (path / "checkpoints", path):
         pointer = checkpoints_dir / f"{which}.json"
@@ -266,28 +271,40 @@ def load_trainer_state(directory: Path) -> dict[str, Any]:
 
 
 def checkpoint_registry(
-    path: str | Path, which: str = "best", *, trust_plugins: bool = False
+    path: str | Path,
+    which: str = "best",
+    *,
+    trust_plugins: bool = False,
+    plugins: Iterable[str | Path] = (),
 ) -> Registry:
-    """The registry a checkpoint's model needs: built-ins and installed entry points, plus
-    the plugin modules its ``model_config.json`` names -- only with ``trust_plugins``.
+    """The registry a checkpoint's model needs: built-ins, installed entry points and the
+    modules the user names (``plugins``, e.g. ``--plugin my_attention.py``), plus the
+    plugin modules the checkpoint's ``model_config.json`` names -- only with ``trust_plugins``.
 
     Those modules (files or dotted names the training experiment listed) are code
     that importing would run; a run directory from elsewhere must not run code just
-    by being evaluated or sampled from, so naming them is refused unless trusted
-    (as transformers' ``trust_remote_code``).
+    by being evaluated or sampled from, so they are imported only when trusted (as
+    transformers' ``trust_remote_code``), and are not needed when the variant is
+    registered already (built in, installed, or from ``plugins``).
 
     Raises:
-        CheckpointError: the checkpoint names plugin modules and ``trust_plugins`` is false.
+        CheckpointError: the variant is registered by none of those and the checkpoint's
+            own modules are not trusted.
     """
     directory = resolve_checkpoint(Path(path), which)
-    _, plugins = read_model_config(directory)
-    if plugins and not trust_plugins:
+    if is_hf_dir(directory):  # GPT-NeoX or GPT-2: built-in variants, no plugin modules
+        return Registry.default(plugins)
+    model_config, named = read_model_config(directory)
+    if trust_plugins:
+        return Registry.default([*plugins, *named])
+    registry = Registry.default(plugins)
+    if named and model_config.att_type not in registry:
         raise CheckpointError(
-            f"Checkpoint {directory} needs the plugin module(s) {', '.join(plugins)}, and "
-            "loading them would run their code; pass --trust-plugins if you trust where this "
-            "run came from."
+            f"Checkpoint {directory} needs attention '{model_config.att_type}' from the plugin "
+            f"module(s) {', '.join(named)}, and loading them would run their code; name the "
+            "module with --plugin FILE, or pass --trust-plugins if you trust this run."
         )
-    return Registry.default(plugins)
+    return registry
 
 
 def load_model(
@@ -304,15 +321,25 @@ def load_model(
     plugin modules, :func:`checkpoint_registry` builds the registry it needs::
 
         model = load_model("runs/quickstart", Registry.default())
+
+    ``path`` may also be a transformers model directory of the architectures ropelm
+    exports (GPT-NeoX, GPT-2; see :mod:`ropelm.hf_import`).
     """
     directory = resolve_checkpoint(Path(path), which)
-    if verify:
-        verify_checkpoint(directory)
-    model_config, _ = read_model_config(directory)
+    state = None
+    if is_hf_dir(directory):
+        model_config, state = read_hf_model(directory)
+    else:
+        if verify:
+            verify_checkpoint(directory)
+        model_config, _ = read_model_config(directory)
     attention = registry.resolve(model_config)
     with torch.device(device):  # built where it runs: the weights cross to the device once
         model = TransformerLM(model_config, attention)
-    load_weights(model, directory, device)
+    if state is None:
+        load_weights(model, directory, device)
+    elif result := _load_state(model, {k: v.to(device) for k, v in state.items()}):
+        raise CheckpointError(f"{directory} does not match its config.json: {result}.")
     return model.eval()
 
 

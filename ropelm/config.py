@@ -165,6 +165,11 @@ class TrainConfig(_Section):
     eval_every: PositiveInt | None = None  # steps; evaluation also runs after each epoch
     log_every: PositiveInt = 10
     save_every: PositiveInt | None = None  # steps between "last" checkpoints
+    threads: PositiveInt | None = None  # CPU threads for torch (None: its default; --threads wins)
+    # where the scalars of metrics.jsonl also go (ropelm.loggers); jsonl is always written
+    loggers: list[Literal["jsonl", "tensorboard", "wandb", "mlflow"]] = Field(
+        default_factory=lambda: ["jsonl"]
+    )
 
     @pydantic.model_validator(mode="after")
     def _one_way_to_accumulate(self) -> TrainConfig:
@@ -174,6 +179,14 @@ class TrainConfig(_Section):
                 "(tokens_per_step derives the accumulation steps)"
             )
         return self
+
+    @pydantic.field_validator("loggers")
+    @classmethod
+    def _each_logger_once_jsonl_always(cls, loggers: list[str]) -> list[str]:
+        repeated = [name for name in dict.fromkeys(loggers) if loggers.count(name) > 1]
+        if repeated:
+            raise ValueError(f"'{repeated[0]}' is listed twice; list each logger once")
+        return ["jsonl", *(name for name in loggers if name != "jsonl")]
 
     @pydantic.field_validator("betas")
     @classmethod
@@ -191,6 +204,13 @@ class EvalConfig(_Section):
     lengths: list[str] = Field(default_factory=lambda: ["1x"])  # e.g. 1x,2x or 2048
 
 
+class InitConfig(_Section):
+    """Where the weights start: fresh (the default) or a parent run's best checkpoint."""
+
+    from_run: str | None = None  # a run directory whose best checkpoint initialises the model
+    method: str | None = None  # what the run does with it (an extension method), for the record
+
+
 class ExperimentConfig(_Section):
     """A whole experiment, as read from YAML."""
 
@@ -201,6 +221,7 @@ class ExperimentConfig(_Section):
     data: DataConfig = Field(default_factory=DataConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
+    init: InitConfig = Field(default_factory=InitConfig)
 
     @pydantic.field_validator("name")
     @classmethod
@@ -310,10 +331,19 @@ def validate(raw: Mapping[str, Any], *, base_dir: Path | None = None) -> Experim
 
 
 def load_experiment(path: str | Path, overrides: Iterable[str] = ()) -> ExperimentConfig:
-    """Read, override and validate an experiment YAML (the schema; see :func:`validate`)."""
+    """Read, override and validate an experiment YAML (the schema; see :func:`validate`).
+
+    It also checks that the packages of ``train.loggers`` are installed, so a missing
+    one is reported before any work (a saved run's config, read by :func:`validate`
+    alone, is not asked for packages it will not use).
+    """
+    from ropelm.loggers import check_installed
+
     path = Path(path)
     raw = apply_overrides(read_yaml(path), overrides)
-    return validate(raw, base_dir=path.parent)
+    config = validate(raw, base_dir=path.parent)
+    check_installed(config.train.loggers)
+    return config
 
 
 def _resolve_plugin_path(ref: Any, base_dir: Path) -> Any:

@@ -141,3 +141,20 @@ def distributed_session(device: torch.device) -> Iterator[DistributedContext]:
     finally:
         if ctx.launched and dist.is_initialized():
             dist.destroy_process_group()
+
+
+THREADS_ENV = "ROPELM_THREADS"
+
+
+def set_cpu_threads(threads: int) -> None:
+    """Use ``threads`` CPU threads here, and let this command's training keep it (``--threads``
+    wins over ``train.threads``; children such as torchrun workers inherit it)."""
+    os.environ[THREADS_ENV] = str(threads)
+    torch.set_num_threads(threads)
+
+
+def apply_cpu_threads(configured: int | None) -> None:
+    """At the start of training: ``--threads`` if given, else ``train.threads`` if set."""
+    threads = os.environ.get(THREADS_ENV) or configured
+    if threads:
+        torch.set_num_threads(int(threads))

@@ -19,8 +19,9 @@ from __future__ import annotations
 import contextlib
 import json
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -39,10 +40,16 @@ from ropelm.checkpoint import (
 )
 from ropelm.config import ModelConfig, TrainConfig
 from ropelm.data import PreparedData
-from ropelm.distributed import DistributedContext, init_distributed, resolve_device
+from ropelm.distributed import (
+    DistributedContext,
+    apply_cpu_threads,
+    init_distributed,
+    resolve_device,
+)
 from ropelm.errors import ConfigError, RopelmError
 from ropelm.experiment import Experiment
 from ropelm.kernels import flex_problem
+from ropelm.loggers import MetricLoggers, open_loggers
 from ropelm.masks import document_ids
 from ropelm.model import TransformerLM
 from ropelm.parallel import (
@@ -68,6 +75,7 @@ from ropelm.tokenizer import TokenizerInfo
 from ropelm.train_state import (
     LossMeter,
     ThroughputMeter,
+    ThroughputWatch,
     TrainState,
     graceful_interrupt,
     restore_trainer_state,
@@ -78,6 +86,10 @@ from ropelm.train_state import (
 
 class TrainingError(RopelmError):
     """Training cannot go on (a non-finite loss, ...); the message says what to do."""
+
+
+class TrainingInterrupted(TrainingError):
+    """Ctrl-C or SIGTERM stopped training at a step boundary, after a resumable checkpoint."""
 
 
 def train(
@@ -96,13 +108,17 @@ def train(
     main process under torchrun). With ``resume``, training continues from
     ``run_dir``'s last checkpoint.
     """
-    trainer = Trainer.build(experiment, data, tokenizer, run_dir)
+    trainer = Trainer.build(experiment, data, tokenizer, run_dir, fresh=not resume, log=log)
     state, plan, tc = trainer.state, trainer.plan, trainer.train_config
     if resume:
         trainer.restore(log)
     trainer.write_environment()
-    meter, losses = ThroughputMeter(), LossMeter(trainer.device)
-    with graceful_interrupt(state), trainer.progress_bar(progress) as bar:
+    meter, losses, watch = ThroughputMeter(), LossMeter(trainer.device), ThroughputWatch()
+    with (
+        graceful_interrupt(state),
+        trainer.progress_bar(progress) as bar,
+        trainer.metric_loggers(resume),  # train.loggers beyond metrics.jsonl (main process)
+    ):
         if state.step == 0:
             trainer.evaluate_untrained()
         meter.restart()
@@ -121,6 +137,8 @@ def train(
                 seconds, tokens_per_s = meter.lap()
                 state.train_time += seconds
                 trainer.log_step(losses.mean(), lr, tokens_per_s, bar)
+                if (warning := watch.observe(tokens_per_s)) and trainer.dist.is_main:
+                    log(warning)  # e.g. jobs oversubscribing the CPU cores
             evaluate = trainer.evaluation_due()
             if evaluate or (tc.save_every is not None and state.step % tc.save_every == 0):
                 trainer.stop_if_nonfinite(losses)
@@ -131,6 +149,20 @@ def train(
                     trainer.save(("last",))
                 meter.restart()  # evaluation and checkpoints are not training time
     return trainer.finish()
+
+
+def _silent(message: str) -> None:
+    """A log for the processes that do not print."""
+
+
+def load_parent_weights(
+    model: TransformerLM, parent_run: Path, device: torch.device, log: Callable[[str], None]
+) -> None:
+    """Start from ``parent_run``'s best checkpoint (verified); a missing one is one sentence."""
+    directory = resolve_checkpoint(parent_run, "best")
+    verify_checkpoint(directory)
+    load_weights(model, directory, device)
+    log(f"Starting from the weights of {directory}")
 
 
 @dataclass
@@ -157,12 +189,24 @@ class Trainer:
     run_dir: RunDir
     tokenizer: TokenizerInfo
     state: TrainState = field(default_factory=TrainState)
+    grad_norms: LossMeter | None = None  # pre-clipping gradient norms, on the device
+    loggers: MetricLoggers = field(default_factory=MetricLoggers)  # open during train()
 
     @classmethod
     def build(
-        cls, experiment: Experiment, data: PreparedData, tokenizer: TokenizerInfo, run_dir: RunDir
+        cls,
+        experiment: Experiment,
+        data: PreparedData,
+        tokenizer: TokenizerInfo,
+        run_dir: RunDir,
+        *,
+        fresh: bool = True,
+        log: Callable[[str], None] = print,
     ) -> Trainer:
         """Join the process group, seed, build the model and optimizer, plan the steps.
+
+        A ``fresh`` run with ``init.from_run`` starts from that run's best weights
+        (a resumed one from its own checkpoint, loaded later by :meth:`restore`).
 
         Raises:
             ConfigError: a setup that cannot run (flex for CPU training, fsdp without
@@ -170,6 +214,7 @@ class Trainer:
         """
         config, tc = experiment.config, experiment.config.train
         device = resolve_device(tc.device)
+        apply_cpu_threads(tc.threads)
         dist = init_distributed(device)
         model_config = resolve_model_config(config, tokenizer.vocab_size, tokenizer.pad_id)
         precision = resolve_precision(tc.precision, device)
@@ -189,6 +234,9 @@ class Trainer:
         torch.manual_seed(tc.seed)
         model = TransformerLM(model_config, experiment.attention).to(device)
         model.activation_checkpointing = tc.activation_checkpointing
+        if fresh and config.init.from_run is not None:  # before sharding or wrapping
+            parent = Path(config.init.from_run)
+            load_parent_weights(model, parent, device, log if dist.is_main else _silent)
         torch.manual_seed(tc.seed + dist.rank)  # dropout differs per rank, data does not
         train_model = wrap_for_training(model, tc.parallel, dist, device, precision, compile_model)
         batches = TrainBatches(
@@ -210,6 +258,7 @@ class Trainer:
             dist=dist,
             run_dir=run_dir,
             tokenizer=tokenizer,
+            grad_norms=LossMeter(device),
         )
 
     @property
@@ -242,9 +291,12 @@ class Trainer:
                 total += loss.detach()
             if self.train_config.max_grad_norm > 0:
                 self.scaler.unscale_(self.optimizer)
-                torch.nn.utils.clip_grad_norm_(
+                norm = torch.nn.utils.clip_grad_norm_(
                     self.train_model.parameters(), self.train_config.max_grad_norm
                 )
+                if self.grad_norms is not None:  # FSDP: a DTensor, made whole (every rank)
+                    full = norm.full_tensor() if hasattr(norm, "full_tensor") else norm
+                    self.grad_norms.add(full, self.state.step + 1)
             self.scaler.step(self.optimizer)
             self.scaler.update()
         except torch.OutOfMemoryError:
@@ -297,11 +349,52 @@ class Trainer:
         state = self.state
         bar.set_postfix(loss=f"{loss:.3f}", lr=f"{lr:.2e}", tok_s=f"{tokens_per_s:,.0f}")
         if self.dist.is_main:
-            self.run_dir.append_metrics(
-                {"step": state.step, "epoch": state.step / self.plan.steps_per_epoch,
-                 "tokens": state.tokens_seen, "train_loss": loss, "lr": lr,
-                 "tokens_per_s": tokens_per_s},
-            )  # fmt: skip
+            row = {"step": state.step, "epoch": state.step / self.plan.steps_per_epoch,
+                   "tokens": state.tokens_seen, "train_loss": loss, "lr": lr,
+                   "tokens_per_s": tokens_per_s}  # fmt: skip
+            if self.grad_norms is not None and self.train_config.max_grad_norm > 0:
+                row["grad_norm"] = self.grad_norms.mean()  # before clipping, since the last row
+            self.record(row)
+
+    def record(self, row: dict[str, Any]) -> None:
+        """Append ``row`` to metrics.jsonl and send it to ``train.loggers`` (main process)."""
+        self.run_dir.append_metrics(row)
+        self.loggers.log_metrics(row["step"], row)
+
+    @contextlib.contextmanager
+    def metric_loggers(self, resume: bool) -> Iterator[None]:
+        """Open ``train.loggers`` for the loop (main process only) and log the configuration;
+        close them however the loop ends (a failed or interrupted run is marked failed).
+        Under torchrun every rank learns whether the main one could open them, so a
+        backend that fails to start stops all ranks instead of leaving them waiting."""
+        problem: RopelmError | None = None
+        if self.dist.is_main:
+            try:
+                self.loggers = open_loggers(
+                    self.train_config.loggers, self.run_dir.path,
+                    resume_step=self.state.step if resume else None,
+                )  # fmt: skip
+            except RopelmError as err:
+                problem = err
+        failed_anywhere = problem is not None
+        if self.dist.enabled:  # one all-reduce, before the loop's first collective
+            flag = torch.tensor(float(failed_anywhere), device=self.device)
+            failed_anywhere = self.dist.all_reduce_sum(flag).item() > 0
+        if failed_anywhere:
+            raise problem or TrainingError(
+                "The main process could not open train.loggers; its message says why."
+            )
+        if not self.dist.is_main:
+            yield
+            return
+        failed = True
+        try:
+            self.loggers.log_config(self.experiment.config.model_dump(mode="json"))
+            yield
+            failed = False
+        finally:
+            self.loggers.close(failed=failed)
+            self.loggers = MetricLoggers()
 
     def evaluate(self) -> float:
         """Mean validation loss of the current weights (over every process)."""
@@ -318,9 +411,7 @@ class Trainer:
         """The step-0 validation loss: the baseline training has to beat."""
         self.state.initial_val_loss = loss = self.evaluate()
         if self.dist.is_main:
-            self.run_dir.append_metrics(
-                {"step": 0, "tokens": 0, "val_loss": loss, "val_ppl": perplexity(loss)}
-            )
+            self.record({"step": 0, "tokens": 0, "val_loss": loss, "val_ppl": perplexity(loss)})
 
     def evaluation_due(self) -> bool:
         """After every epoch, every ``eval_every`` steps and after the last step."""
@@ -341,7 +432,7 @@ class Trainer:
             )
         improved = self.state.record_eval(val_loss)
         if self.dist.is_main:
-            self.run_dir.append_metrics(
+            self.record(
                 {"step": self.state.step, "tokens": self.state.tokens_seen,
                  "val_loss": val_loss, "val_ppl": perplexity(val_loss)},
             )  # fmt: skip
@@ -365,7 +456,7 @@ class Trainer:
             save_checkpoint(
                 checkpoints, weights=weights, model_config=self.model_config,
                 plugins=self.experiment.config.plugins, step=step,
-                val_loss=self.state.last_eval.get("val_loss"),
+                val_loss=self._val_loss_at(step),
                 tokenizer_path=self.tokenizer.path, pointers=pointers, staged=self.sharded,
                 trainer_state=trainer_state(
                     self.state, None if self.sharded else self.optimizer, self.scaler,
@@ -373,6 +464,11 @@ class Trainer:
                 ),
             )  # fmt: skip
         self.dist.barrier()
+
+    def _val_loss_at(self, step: int) -> float | None:
+        """The validation loss of ``step``; None when it was not evaluated (a Ctrl-C save)."""
+        last = self.state.last_eval
+        return last.get("val_loss") if last.get("step") == step else None
 
     def stop_agreed(self, log_step: bool) -> bool:
         """Whether to stop for a signal now. One process: at the next step. Under torchrun
@@ -389,7 +485,7 @@ class Trainer:
         """Answer a Ctrl-C or SIGTERM: save a resumable checkpoint and stop with the command
         to resume."""
         self.save(("last",))
-        raise TrainingError(
+        raise TrainingInterrupted(
             f"Interrupted at step {self.state.step}; a resumable checkpoint is saved, "
             f"continue with --resume {self.run_dir.path}."
         )

@@ -37,11 +37,18 @@ from tabulate import tabulate
 
 from ropelm.atomic import atomic_write_json, check_writable
 from ropelm.attention import ResolvedAttention
-from ropelm.checkpoint import load_weights, read_model_config, resolve_checkpoint, verify_checkpoint
+from ropelm.checkpoint import (
+    TOKENIZER,
+    load_weights,
+    read_model_config,
+    resolve_checkpoint,
+    verify_checkpoint,
+)
 from ropelm.config import ModelConfig, validate
 from ropelm.distributed import resolve_device
 from ropelm.errors import ConfigError, DataError
 from ropelm.model import TransformerLM
+from ropelm.passkey import PasskeyRunner, PasskeySettings, PromptBuilder
 from ropelm.perplexity import (
     METHODS,
     LengthSpecError,
@@ -54,6 +61,7 @@ from ropelm.pipeline import cached_stages
 from ropelm.recipe import Precision, resolve_precision
 from ropelm.registry import Registry
 from ropelm.runs import RunDir, exclusive_writer
+from ropelm.tokenizer import load_tokenizer
 
 EVAL_FILE = "eval.json"
 NA = "n/a"
@@ -117,8 +125,15 @@ def evaluate_run(
     device: str = "auto",
     attention_backend: str | None = None,
     out: str | Path | None = None,
+    passkey: PasskeySettings | None = None,
+    progress: bool = False,
 ) -> dict[str, Any]:
     """Evaluate a run at several lengths and write the result as JSON (atomically).
+
+    With ``passkey``, the run is tested on passkey retrieval (:mod:`ropelm.passkey`)
+    instead of perplexity, and the result goes under ``"passkey"`` in the same file;
+    either evaluation keeps the other's result already in the file when that was made
+    from the same checkpoint and step.
 
     Args:
         run_dir: a run directory (or a checkpoint directory inside one).
@@ -141,6 +156,8 @@ def evaluate_run(
         attention_backend: the kernel to run attention on (default: the run's
             ``model.attention_backend``, usually ``auto``); recorded per length.
         out: where to write (default ``RUN_DIR/eval.json`` or ``eval-<options>.json``).
+        passkey: depths, trials and seed of the passkey test (None: perplexity).
+        progress: show a progress bar (the passkey test).
 
     Returns:
         The dictionary written to the JSON file.
@@ -151,11 +168,20 @@ def evaluate_run(
     check_writable(target)  # before minutes of computing, not after
     into_run = target.resolve().parent == root.resolve()
     with exclusive_writer(root) if into_run else contextlib.nullcontext():
-        report = _evaluate(
-            Path(run_dir), root, registry, overrides, lengths=lengths, max_windows=max_windows,
-            max_tokens=max_tokens, stride=stride, batch_size=batch_size, methods=methods,
-            which=which, device=device, attention_backend=attention_backend,
-        )  # fmt: skip
+        if passkey is not None:
+            report = _evaluate_passkey(
+                Path(run_dir), root, registry, overrides, passkey, lengths=lengths,
+                batch_size=batch_size, which=which, device=device,
+                attention_backend=attention_backend, progress=progress,
+            )  # fmt: skip
+        else:
+            report = _evaluate(
+                Path(run_dir), root, registry, overrides, lengths=lengths,
+                max_windows=max_windows, max_tokens=max_tokens, stride=stride,
+                batch_size=batch_size, methods=methods, which=which, device=device,
+                attention_backend=attention_backend,
+            )  # fmt: skip
+        report = _keep_other_result(target, report)
         atomic_write_json(target, report)
     report["path"] = str(target)
     return report
@@ -241,6 +267,86 @@ def _evaluate(
         "results": results,
     }
     return report
+
+
+def _evaluate_passkey(
+    run_dir: Path,
+    root: Path,
+    registry: Registry,
+    overrides: dict[str, Any],
+    settings: PasskeySettings,
+    *,
+    lengths: Iterable[str] | None,
+    batch_size: int | None,
+    which: str,
+    device: str,
+    attention_backend: str | None,
+    progress: bool,
+) -> dict[str, Any]:
+    """The passkey test at each length (:class:`ropelm.passkey.PasskeyRunner`) -> the report."""
+    checkpoint = resolve_checkpoint(run_dir, which)
+    manifest = verify_checkpoint(checkpoint).manifest
+    config = validate(RunDir(root).read_config())
+    model_config, _ = read_model_config(checkpoint)
+    update: dict[str, Any] = {"att_options": {**model_config.att_options, **overrides}}
+    if attention_backend is not None:
+        update["attention_backend"] = attention_backend
+    model_config = model_config.model_copy(update=update)
+    specs = split_specs(list(lengths) if lengths is not None else config.eval.lengths)
+    parsed, configs_at, resolved = _plan_lengths(model_config, specs, "1", registry)
+    block_size = model_config.block_size
+    capabilities = next(iter(resolved.values())).spec.capabilities
+    torch_device = resolve_device(device)
+    choice = config.train.precision
+    if choice == "fp16" and torch_device.type != "cuda":
+        choice = "fp32"  # fp16 autocast is CUDA's alone (as in _evaluate)
+    precision = resolve_precision(choice, torch_device)
+    models = _ModelCache(checkpoint, torch_device, resolved)
+    window_batch = batch_size or config.eval.batch_size or config.train.batch_size
+    runner = PasskeyRunner(
+        PromptBuilder(load_tokenizer(checkpoint / TOKENIZER)), settings, torch_device,
+        precision.autocast, batch_tokens=window_batch * block_size,
+    )  # fmt: skip
+
+    def model_at(label: str) -> TransformerLM | str:
+        if parsed[label] > block_size and not capabilities.extrapolates:
+            return (
+                f"{model_config.att_type} does not run beyond its block size of {block_size} "
+                "tokens (capabilities.extrapolates is False)"
+            )
+        return models.get(configs_at[label])
+
+    section = runner.run(parsed, model_at, progress=progress)
+    if AUTO in overrides.values():
+        for label, entry in section["results"].items():
+            entry["att_options"] = configs_at[label].att_options
+    return {
+        "run_dir": str(root),
+        "checkpoint": str(checkpoint),
+        "step": manifest.get("step"),
+        "att_type": model_config.att_type,
+        "att_options": dict(model_config.att_options),
+        "att_option_overrides": overrides,
+        "block_size": block_size,
+        "device": str(torch_device),
+        "results": {},
+        "passkey": section,
+    }
+
+
+def _keep_other_result(target: Path, report: dict[str, Any]) -> dict[str, Any]:
+    """``report`` plus the other evaluation (perplexity or passkey) already in ``target``,
+    when that was made from the same checkpoint, step and att_option overrides."""
+    try:
+        previous = json.loads(target.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return report  # no file yet, or an unreadable one: replaced
+    same = ("checkpoint", "step", "att_option_overrides")
+    if not isinstance(previous, dict) or any(previous.get(k) != report.get(k) for k in same):
+        return report
+    if "passkey" in report:  # a passkey test: the perplexity results stay
+        return {**previous, "passkey": report["passkey"]}
+    return report | ({"passkey": previous["passkey"]} if "passkey" in previous else {})
 
 
 def _plan_lengths(

@@ -101,7 +101,7 @@ class Registry:
         is_file = ref_str.endswith(".py") or "/" in ref_str or "\\" in ref_str
         try:
             module = _import_file(Path(ref_str)) if is_file else importlib.import_module(ref_str)
-        except Exception as err:
+        except (Exception, SystemExit) as err:  # a plugin calling sys.exit() is an error too
             hint = (
                 "check the path under `plugins:` in your experiment YAML"
                 if is_file
@@ -110,7 +110,8 @@ class Registry:
             raise PluginError(
                 f"Plugin module '{ref_str}' failed to import ({type(err).__name__}: {err}); {hint}."
             ) from err
-        self.register_plugin(module, source=f"module {ref_str}")
+        version = _file_version(Path(ref_str)) if is_file else getattr(module, "__version__", None)
+        self.register_plugin(module, source=f"module {ref_str}", version=version)
         return module
 
     def register_plugin(self, plugin: object, source: str, version: str | None = None) -> None:
@@ -221,4 +222,12 @@ def _package_version(name: str) -> str | None:
     try:
         return importlib.metadata.version(name)
     except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def _file_version(path: Path) -> str | None:
+    """A plugin file's version: ``sha256:`` and the first 12 hex digits of its content."""
+    try:
+        return "sha256:" + hashlib.sha256(path.read_bytes()).hexdigest()[:12]
+    except OSError:
         return None

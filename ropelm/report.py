@@ -33,6 +33,7 @@ import yaml
 from tabulate import tabulate
 
 from ropelm.errors import ConfigError
+from ropelm.passkey_report import passkey_table, save_passkey_plots
 from ropelm.perplexity import METHODS
 from ropelm.runs import RunDir
 from ropelm.variants import VariantChoice
@@ -78,6 +79,8 @@ class RunRecord:
     block_size: int | None
     metrics: list[dict[str, Any]]
     evals: dict[str, dict[str, Any]] = field(default_factory=dict)  # eval label -> eval JSON
+    passkeys: dict[str, dict[str, Any]] = field(default_factory=dict)  # eval label -> passkey
+    extension: str | None = None  # init.method of a run made by `ropelm-exp extend`
 
     @property
     def choice(self) -> VariantChoice:
@@ -86,8 +89,17 @@ class RunRecord:
 
     @property
     def label(self) -> str:
-        """Variant label: ``RoPE-Sliding:window=32`` (att_type plus its att_options)."""
-        return self.choice.label
+        """Variant label: ``RoPE-Sliding:window=32`` (att_type plus its att_options).
+
+        An extended run is named by its parent's variant, the method and the new
+        block size: ``RoPE-SM extended (yarn, 512)``.
+        """
+        if self.extension is None:
+            return self.choice.label
+        from ropelm.extend import parent_options
+
+        parent = VariantChoice.of(self.summary["att_type"], parent_options(self.choice))
+        return f"{parent.label} extended ({self.extension}, {self.block_size})"
 
 
 def find_runs(paths: Iterable[str | Path]) -> list[Path]:
@@ -97,7 +109,12 @@ def find_runs(paths: Iterable[str | Path]) -> list[Path]:
         ConfigError: a path holds no finished run.
     """
     found: list[Path] = []
-    for path in map(Path, paths):
+    paths = list(map(Path, paths))
+    for path in paths:
+        if path.is_file() and len(paths) > 1:
+            continue  # a shell glob over a sweep picks up sweep.json and comparison.md
+        if path.is_file():
+            raise ConfigError(f"{path} is a file, not a run directory; give run or sweep folders.")
         if (path / "summary.json").is_file():
             candidates = [path]
         elif path.is_dir():
@@ -136,12 +153,14 @@ def load_run(path: Path) -> RunRecord:
         raise ConfigError(f"Cannot read {path / 'summary.json'} ({err}).") from None
     if not isinstance(summary, dict) or not {"att_type", "n_params"} <= set(summary):
         raise ConfigError(f"{path / 'summary.json'} is not the summary of a finished ropelm run.")
-    seed = block_size = None
+    seed = block_size = extension = None
     if (path / "config.yaml").is_file():
         config = yaml.safe_load((path / "config.yaml").read_text()) or {}
         seed = (config.get("train") or {}).get("seed", 0)
         block_size = (config.get("model") or {}).get("block_size")
+        extension = (config.get("init") or {}).get("method")
     record = RunRecord(path, summary, seed, block_size, RunDir(path).read_metrics())
+    record.extension = extension
     # eval.json (the model as trained) first, then the evaluations with other att_options
     for eval_path in sorted(path.glob("eval*.json"), key=lambda p: (p.name != "eval.json", p.name)):
         try:
@@ -149,7 +168,11 @@ def load_run(path: Path) -> RunRecord:
         except (OSError, ValueError):
             continue
         overrides = report.get("att_option_overrides") or {}
-        record.evals[", ".join(f"{k}={v}" for k, v in overrides.items())] = report
+        label = ", ".join(f"{k}={v}" for k, v in overrides.items())
+        if report.get("results"):  # perplexity (a passkey-only evaluation has none)
+            record.evals[label] = report
+        if report.get("passkey"):  # `eval --passkey` (ropelm.passkey_report)
+            record.passkeys[label] = report["passkey"]
     return record
 
 
@@ -284,7 +307,7 @@ def summary_table(
 
 def length_table(groups: dict[str, list[RunRecord]], method: str) -> Table:
     """Perplexity per evaluation length with ``method``; one row per variant x eval options."""
-    lengths: dict[str, int] = {}
+    specs: dict[int, set[str]] = {}  # length in tokens -> the specs that named it (1x, 2x, ...)
     row_keys: list[tuple[str, str]] = []
     for label, runs in groups.items():
         for run in runs:
@@ -292,18 +315,23 @@ def length_table(groups: dict[str, list[RunRecord]], method: str) -> Table:
                 if (label, eval_label) not in row_keys:
                     row_keys.append((label, eval_label))
                 for spec, entry in report["results"].items():
-                    lengths.setdefault(spec, entry["length"])
-    order = sorted(lengths, key=lambda s: lengths[s])
-    headers = ["variant", "seeds", *(f"{s} ({lengths[s]})" for s in order)]
+                    specs.setdefault(entry["length"], set()).add(spec)
+    order = sorted(specs)  # columns by length in tokens: runs of other block sizes line up
+    one_block = len({r.block_size for runs in groups.values() for r in runs}) == 1
+    headers = [
+        "variant",
+        "seeds",
+        *(_length_header(specs[length], length, one_block) for length in order),
+    ]
     rows = []
     for label, eval_label in row_keys:
         name = f"{label} [eval {eval_label}]" if eval_label else label
         seeds = sum(eval_label in r.evals for r in groups[label])
         row: list[Any] = [name, seeds]
-        for spec in order:
+        for length in order:
             values, missing = [], False
             for run in (r for r in groups[label] if eval_label in r.evals):  # seeds evaluated
-                entry = run.evals[eval_label].get("results", {}).get(spec)
+                entry = _result_at(run.evals[eval_label], length)
                 if entry is None:
                     continue  # this evaluation did not include the length
                 cell = entry.get(method)
@@ -319,6 +347,19 @@ def length_table(groups: dict[str, list[RunRecord]], method: str) -> Table:
     n = len(headers)
     title = f"Perplexity at each evaluation length ({method} windows)"
     return Table(method, title, headers, rows, [2] * n, [False] * n)
+
+
+def _length_header(specs: set[str], length: int, one_block: bool) -> str:
+    """``1x (128)`` when all runs share a block size and name the length alike, else ``T=512``."""
+    return f"{next(iter(specs))} ({length})" if one_block and len(specs) == 1 else f"T={length}"
+
+
+def _result_at(report: dict[str, Any], length: int) -> dict[str, Any] | None:
+    """The result of an eval report at ``length`` tokens, whatever spec named it."""
+    for entry in report.get("results", {}).values():
+        if entry.get("length") == length:
+            return entry
+    return None
 
 
 @dataclass
@@ -363,6 +404,8 @@ def compare(
     benches = [read_bench(b) for b in bench]
     tables = [summary_table(groups, benches, bench_length)]
     tables += [length_table(groups, method) for method in METHODS]
+    if any(record.passkeys for record in records):  # runs evaluated with `eval --passkey`
+        tables.append(passkey_table(records))
     return Comparison(records, tables, tablefmt)
 
 
@@ -390,4 +433,5 @@ def write_outputs(
             atomic_write_text(path, table.render("csv") + "\n")
             written.append(path)
     written += save_plots(comparison.records, benches, out)
+    written += save_passkey_plots(comparison.records, out)
     return written

@@ -46,7 +46,7 @@ HISTORY_FILE = "config_history.jsonl"
 RESUMABLE = (
     "train.learning_rate", "train.min_lr_ratio", "train.warmup_steps", "train.max_grad_norm",
     "train.max_steps", "train.num_epochs", "train.eval_every", "train.save_every",
-    "train.log_every", "train.device", "train.compile",
+    "train.log_every", "train.device", "train.compile", "train.loggers", "train.threads",
 )  # fmt: skip
 
 
@@ -137,7 +137,7 @@ class RunDir:
         """
         text = to_yaml(config)
         if self.config_path.is_file():
-            saved = yaml.safe_load(self.config_path.read_text()) or {}
+            saved = _with_defaults(yaml.safe_load(self.config_path.read_text()) or {})
             new = yaml.safe_load(text)
             changes = _differences(saved, new)
             fixed = [path for path in changes if path not in RESUMABLE]
@@ -228,6 +228,20 @@ def environment(registry: Registry, device: torch.device) -> dict[str, Any]:
         "cuda_device": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
         "plugins": {v.spec.name: {"source": v.source, "version": v.version} for v in registry},
     }
+
+
+def _with_defaults(saved: Any, defaults: Any = None) -> Any:
+    """``saved`` with the settings it lacks at their defaults.
+
+    A run written before a setting existed holds no value for it; it is the
+    same experiment when the new setting is at its default (so it still resumes).
+    """
+    if defaults is None:
+        defaults = yaml.safe_load(to_yaml(ExperimentConfig()))
+    if not (isinstance(saved, dict) and isinstance(defaults, dict)):
+        return saved
+    merged = {key: _with_defaults(value, defaults.get(key)) for key, value in saved.items()}
+    return {key: value for key, value in defaults.items() if key not in saved} | merged
 
 
 def _differences(saved: Any, new: Any, path: str = "") -> dict[str, tuple[Any, Any]]:

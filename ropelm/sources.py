@@ -291,6 +291,11 @@ def resolve_files(patterns: list[str]) -> list[Path]:
                 raise DataError(f"No file matches '{pattern}' in data.paths; check the pattern.")
         else:
             path = Path(expanded)
+            if path.is_dir():
+                raise DataError(
+                    f"{pattern} in data.paths is a directory; name its files with a glob, "
+                    f"e.g. {Path(pattern) / '*.txt'} or {Path(pattern) / '**' / '*.jsonl'}."
+                )
             if not path.is_file():
                 raise DataError(f"File {pattern} in data.paths does not exist; check the path.")
             matches = [path]

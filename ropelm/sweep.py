@@ -30,11 +30,19 @@ import shutil
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 from ropelm.atomic import atomic_write_json, atomic_write_text
 from ropelm.errors import ConfigError, RopelmError
 from ropelm.experiment import Experiment
+from ropelm.extend import (
+    DEFAULT_STEPS,
+    ExtensionMethod,
+    check_extensible,
+    extension_config,
+    extension_name,
+    parse_block_size,
+)
 from ropelm.perplexity import split_specs
 from ropelm.runs import RunDir, exclusive_writer
 from ropelm.variants import VariantChoice
@@ -69,10 +77,12 @@ class PlannedRun:
     seed: int
     experiment: Experiment
     dir: Path
-    status: str = "pending"  # trained | resumed | skipped | failed
+    status: str = "pending"  # trained | resumed | skipped | failed | interrupted
     error: str | None = None
     evaluated: str = "no"  # yes | skipped | no | failed
     summary: dict[str, Any] = field(default_factory=dict)
+    parent: PlannedRun | None = None  # the run an extension run continues
+    method: ExtensionMethod | None = None  # its extension method
 
     def record(self) -> dict[str, Any]:
         return {
@@ -81,10 +91,27 @@ class PlannedRun:
             "att_options": self.variant.options_dict,
             "seed": self.seed,
             "dir": self.dir.name,
+            "extension": self.method.label if self.method else None,
+            "parent": self.parent.dir.name if self.parent else None,
             "status": self.status,
             "evaluated": self.evaluated,
             "error": self.error,
         }
+
+    @property
+    def title(self) -> str:
+        method = f" extended ({self.method.label})" if self.method else ""
+        return f"{self.variant.label}{method} seed {self.seed}"
+
+
+@dataclass(frozen=True)
+class SweepExtension:
+    """``--extend 4x --methods none,yarn --extend-steps 100``: extend every run of the sweep."""
+
+    block_size: str
+    methods: tuple[ExtensionMethod, ...]
+    steps: int = DEFAULT_STEPS
+    overrides: tuple[str, ...] = ()  # --extend-set: for the extension runs only
 
 
 def default_sweep_dir(base: Experiment) -> Path:
@@ -119,6 +146,46 @@ def plan_sweep(
             run_dir = sweep_dir / f"{variant.dir_label}-seed{seed}"
             runs.append(PlannedRun(variant, seed, base.with_config(config), run_dir))
     return sweep_dir, runs
+
+
+def plan_extensions(
+    sweep_dir: Path, runs: Sequence[PlannedRun], extension: SweepExtension
+) -> list[PlannedRun]:
+    """One extension run per (run, method), each checked before anything trains.
+
+    Raises:
+        ropelm.RopelmError: a method a variant lacks, weights that cannot grow, a bad
+            block size: one sentence naming the variant.
+    """
+    planned = []
+    for run in runs:
+        parent = run.experiment.config
+        block_size = parse_block_size(extension.block_size, parent.model.block_size)
+        for method in extension.methods:
+            child = extension_config(
+                parent, run.dir, method, block_size=block_size, steps=extension.steps,
+                overrides=extension.overrides,
+            )  # fmt: skip
+            check_extensible(parent, child, run.experiment.registry)
+            target = sweep_dir / extension_name(run.dir, method, block_size)
+            experiment = run.experiment.with_config(child)
+            planned.append(
+                PlannedRun(run.variant, run.seed, experiment, target, parent=run, method=method)
+            )
+    return planned
+
+
+def _stop(
+    run: PlannedRun, runs: list[PlannedRun], sweep_dir: Path, save_manifest: Callable[[], None]
+) -> NoReturn:
+    """Ctrl-C or SIGTERM: the sweep stops (not just this run), resumable by the same command."""
+    run.status = "interrupted"
+    save_manifest()
+    done = sum(r.status in ("trained", "resumed", "skipped") for r in runs)
+    raise SweepError(
+        f"Sweep stopped during {run.title} ({done} of {len(runs)} runs done, the interrupted "
+        f"one checkpointed); run the same command again to continue in {sweep_dir}."
+    )
 
 
 def _prepare_run_dir(run: PlannedRun) -> bool:
@@ -172,18 +239,23 @@ def run_sweep(
     progress: bool = True,
     log: Callable[[str], None] = print,
     origin: dict[str, Any] | None = None,
+    extension: SweepExtension | None = None,
 ) -> tuple[Path, list[PlannedRun]]:
     """Train (or skip, or resume) and evaluate every run, then write the comparison.
 
     Returns the sweep directory and the runs with their status. Runs go
     seed by seed, so the first seed of every variant is done early. ``origin``
-    (the experiment file and overrides) is recorded in ``sweep.json``.
+    (the experiment file and overrides) is recorded in ``sweep.json``. With
+    ``extension``, every run is then extended with each method
+    (:mod:`ropelm.extend`), so one sweep gives a table of methods x seeds.
 
     Raises:
         SweepError: after all runs, when some failed (the message names them).
     """
 
     sweep_dir, runs = plan_sweep(base, variants, seeds, out=out)
+    if extension is not None:
+        runs += plan_extensions(sweep_dir, runs, extension)
     with exclusive_writer(sweep_dir, what="sweep"):  # a second sweep here: one sentence
         _run_all(base, runs, sweep_dir, variants, seeds, lengths, max_windows, max_tokens,
                  evaluate, progress, log, origin)  # fmt: skip
@@ -205,8 +277,7 @@ def _run_all(
     origin: dict[str, Any] | None,
 ) -> None:
     """Every run of the sweep in order, the manifest after each, then the comparison."""
-    from ropelm.eval_run import evaluate_run
-    from ropelm.pipeline import run_experiment
+    from ropelm.engine import TrainingInterrupted
 
     def save_manifest() -> None:
         atomic_write_json(
@@ -225,37 +296,65 @@ def _run_all(
     eval_lengths: list[str] = []
     for number, run in enumerate(runs, 1):
         eval_lengths = split_specs(list(lengths) if lengths else run.experiment.config.eval.lengths)
-        where = f"[{number}/{len(runs)}] {run.variant.label} seed {run.seed}"
+        where = f"[{number}/{len(runs)}] {run.title}"
         try:
-            if (run.dir / "summary.json").is_file():
-                _prepare_run_dir(run)  # still checks it is the same experiment
-                run.status = "skipped"
-                log(f"{where}: finished earlier, skipped ({run.dir})")
-            else:
-                resume = _prepare_run_dir(run)
-                log(f"{where}: {'resuming' if resume else 'training'} in {run.dir}")
-                run_experiment(run.experiment, out_dir=run.dir, resume=resume, progress=progress)
-                run.status = "resumed" if resume else "trained"
-        except RopelmError as err:
+            _train_one(run, where, progress, log)
+            if evaluate:
+                _evaluate_one(run, base, eval_lengths, max_windows, max_tokens, progress, log)
+        except (TrainingInterrupted, KeyboardInterrupt):
+            _stop(run, runs, sweep_dir, save_manifest)
+        except RopelmError as err:  # training failed: the next run goes on
             run.status, run.error = "failed", str(err)
             log(f"{where}: failed: {err}")
-            save_manifest()
-            continue
-        if evaluate:
-            if _has_eval(run, eval_lengths, max_windows, max_tokens):
-                run.evaluated = "skipped"
-            else:
-                try:
-                    evaluate_run(
-                        run.dir, base.registry, lengths=eval_lengths, max_windows=max_windows,
-                        max_tokens=max_tokens,
-                    )  # fmt: skip
-                    run.evaluated = "yes"
-                except RopelmError as err:
-                    run.evaluated, run.error = "failed", str(err)
-                    log(f"{where}: evaluation failed: {err}")
         save_manifest()
+    _write_comparison(runs, sweep_dir, log)
 
+
+def _train_one(run: PlannedRun, where: str, progress: bool, log: Callable[[str], None]) -> None:
+    """Train one run, resume it, or skip it when it finished earlier."""
+    from ropelm.pipeline import run_experiment
+
+    if run.parent is not None and run.parent.status == "failed":
+        raise SweepError(f"its parent run {run.parent.dir.name} failed.")
+    if (run.dir / "summary.json").is_file():
+        _prepare_run_dir(run)  # still checks it is the same experiment
+        run.status = "skipped"
+        log(f"{where}: finished earlier, skipped ({run.dir})")
+        return
+    resume = _prepare_run_dir(run)
+    log(f"{where}: {'resuming' if resume else 'training'} in {run.dir}")
+    run_experiment(run.experiment, out_dir=run.dir, resume=resume, progress=progress)
+    run.status = "resumed" if resume else "trained"
+
+
+def _evaluate_one(
+    run: PlannedRun,
+    base: Experiment,
+    lengths: list[str],
+    max_windows: int | None,
+    max_tokens: int | None,
+    progress: bool,
+    log: Callable[[str], None],
+) -> None:
+    """Evaluate a trained run at ``lengths`` unless its eval.json already has them."""
+    from ropelm.eval_run import evaluate_run
+
+    if _has_eval(run, lengths, max_windows, max_tokens):
+        run.evaluated = "skipped"
+        return
+    try:
+        evaluate_run(
+            run.dir, base.registry, lengths=lengths, max_windows=max_windows,
+            max_tokens=max_tokens, progress=progress,
+        )  # fmt: skip
+        run.evaluated = "yes"
+    except RopelmError as err:
+        run.evaluated, run.error = "failed", str(err)
+        log(f"{run.title}: evaluation failed: {err}")
+
+
+def _write_comparison(runs: list[PlannedRun], sweep_dir: Path, log: Callable[[str], None]) -> None:
+    """The comparison of the finished runs; then a SweepError naming the failed ones."""
     from ropelm.report import compare
 
     finished = [r.dir for r in runs if r.status != "failed" and (r.dir / "summary.json").is_file()]
@@ -265,7 +364,7 @@ def _run_all(
         log(comparison.text)
     failed = [r for r in runs if r.status == "failed" or r.evaluated == "failed"]
     if failed:
-        names = ", ".join(f"{r.variant.label} seed {r.seed}" for r in failed)
+        names = ", ".join(r.title for r in failed)
         raise SweepError(
             f"{len(failed)} of {len(runs)} runs failed ({names}); see {sweep_dir / SWEEP_FILE} "
             "for the reasons, fix them and run the same sweep again to finish it."

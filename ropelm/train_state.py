@@ -46,7 +46,7 @@ class TrainState:
 
     def record_eval(self, val_loss: float) -> bool:
         """Remember an evaluation; True when it is the best so far."""
-        self.last_eval = {"val_loss": val_loss}
+        self.last_eval = {"val_loss": val_loss, "step": self.step}
         improved = self.best_val_loss is None or val_loss < self.best_val_loss
         if improved:
             self.best_val_loss = val_loss
@@ -109,6 +109,36 @@ class ThroughputMeter:
         rate = self._tokens / max(elapsed, 1e-9)
         self.restart()
         return elapsed, rate
+
+
+class ThroughputWatch:
+    """Notices when training throughput collapses mid-run (other jobs taking the CPU cores).
+
+    The reference is the best rate of the first ``warmup`` log intervals; a later rate
+    below ``fraction`` of it gets one warning for the run (the cure is outside ropelm:
+    ``--threads`` / ``OMP_NUM_THREADS`` so that concurrent jobs do not oversubscribe).
+    """
+
+    def __init__(self, warmup: int = 3, fraction: float = 0.5) -> None:
+        self.warmup, self.fraction = warmup, fraction
+        self.best = 0.0
+        self.seen = 0
+        self.warned = False
+
+    def observe(self, tokens_per_s: float) -> str | None:
+        """Record one log interval's rate; a one-sentence warning the first time it collapses."""
+        self.seen += 1
+        if self.seen <= self.warmup:
+            self.best = max(self.best, tokens_per_s)
+            return None
+        if self.warned or tokens_per_s >= self.fraction * self.best:
+            return None
+        self.warned = True
+        return (
+            f"Warning: training slowed from {self.best:,.0f} to {tokens_per_s:,.0f} tokens/s; "
+            "other processes are probably competing for the CPU cores: give each job fewer "
+            "threads (--threads N or OMP_NUM_THREADS=N, N x jobs <= cores)."
+        )
 
 
 def rng_state(device: torch.device) -> dict[str, torch.Tensor | None]:

@@ -147,8 +147,9 @@ def plugin_checkpoint(tmp_path):
     plugin.write_text(MARKER_PLUGIN)
     config = CONFIG.model_copy(update={"att_type": "NoPE"})
     model = TransformerLM.from_config(config)
+    marker_config = config.model_copy(update={"att_type": "Marker"})  # NoPE's weights
     save_checkpoint(
-        tmp_path / "checkpoints", weights=model.state_dict(), model_config=config,
+        tmp_path / "checkpoints", weights=model.state_dict(), model_config=marker_config,
         plugins=[str(plugin)], trainer_state={}, step=1, val_loss=1.0, tokenizer_path=None,
         pointers=("last", "best"),
     )  # fmt: skip
@@ -166,3 +167,18 @@ def test_plugins_named_by_a_checkpoint_are_not_imported_without_trust(plugin_che
     assert not marker.exists()
     registry = checkpoint_registry(run_dir, trust_plugins=True)
     assert marker.exists() and "Marker" in registry.names()
+
+
+def test_a_plugin_the_user_names_serves_the_checkpoint_without_trusting_it(
+    plugin_checkpoint, tmp_path
+):
+    run_dir, marker = plugin_checkpoint
+    own = tmp_path / "my_copy.py"  # the user's own copy of the plugin, named on the command line
+    own.write_text(MARKER_PLUGIN)
+    registry = checkpoint_registry(run_dir, plugins=[own])
+    assert "Marker" in registry.names() and not marker.exists()  # the checkpoint's file unread
+    assert registry.variant("Marker").version.startswith("sha256:")  # a file plugin's version
+    result = CliRunner().invoke(
+        main, ["eval", str(run_dir), "--lengths", "1x", "--plugin", str(own)]
+    )
+    assert "--trust-plugins" not in result.output

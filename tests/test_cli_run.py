@@ -76,3 +76,20 @@ def test_run_names_an_unknown_key_and_an_impossible_value(experiment):
 def test_missing_experiment_file_is_one_sentence(tmp_path):
     code, out = invoke("run", tmp_path / "nope.yaml")
     assert code == 1 and "does not exist" in out and "Traceback" not in out
+
+
+def test_threads_option_sets_torch_threads_for_training(tmp_path):
+    """--threads (or train.threads) decides torch's CPU threads for the run's training."""
+    import subprocess
+    import sys
+
+    code = (
+        "import torch, os\n"
+        "from ropelm.distributed import apply_cpu_threads, set_cpu_threads\n"
+        "apply_cpu_threads(3); a = torch.get_num_threads()\n"
+        "set_cpu_threads(1); apply_cpu_threads(3); b = torch.get_num_threads()\n"
+        "print(a, b, os.environ['ROPELM_THREADS'])\n"
+    )
+    env = {k: v for k, v in __import__("os").environ.items() if k != "ROPELM_THREADS"}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+    assert out.stdout.split() == ["3", "1", "1"]  # train.threads applies; --threads wins

@@ -158,6 +158,41 @@ def test_resume_after_sigkill_matches_an_uninterrupted_run_bitwise(tmp_path, cac
     assert steps == sorted(steps), "metrics logged after the checkpoint were not duplicated"
 
 
+@pytest.mark.slow
+def test_ten_random_sigkills_then_resume_match_an_uninterrupted_run(tmp_path, cache_dir):
+    """kill -9 at ten random moments of a 60-step run (a checkpoint every step), resuming after
+    each: the final weights equal an uninterrupted run's bit for bit."""
+    import random
+
+    raw = tiny_experiment(cache_dir, max_steps=60, save_every=1, eval_every=20)
+    config_path = write_yaml(tmp_path / "exp.yaml", raw)
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+    subprocess.run([*CLI, "run", str(config_path), "--out", str(tmp_path / "full"), "--quiet"],
+                   check=True, env=env, capture_output=True)  # fmt: skip
+
+    rng = random.Random(1234)
+    killed = tmp_path / "killed"
+    for target in sorted(rng.sample(range(1, 58), 10)):
+        resume = ["--resume", str(killed)] if _last_step(killed) > 0 else ["--out", str(killed)]
+        proc = subprocess.Popen(
+            [*CLI, "run", str(config_path), *resume, "--quiet"],
+            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )  # fmt: skip
+        deadline = time.monotonic() + 120
+        while _last_step(killed) < target and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.002)
+        time.sleep(rng.uniform(0.0, 0.03))  # anywhere in the step: mid-write included
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        assert not (killed / "summary.json").exists(), "killed after the run had finished"
+    subprocess.run([*CLI, "run", str(config_path), "--resume", str(killed), "--quiet"],
+                   check=True, env=env, capture_output=True)  # fmt: skip
+    full, resumed = _final_weights(tmp_path / "full"), _final_weights(killed)
+    assert full.keys() == resumed.keys()
+    for name in full:
+        assert torch.equal(full[name], resumed[name]), name
+
+
 NAN_PLUGIN = '''
 import torch
 import ropelm
@@ -242,6 +277,8 @@ def test_a_stop_signal_saves_a_resumable_checkpoint(tmp_path, cache_dir, signum)
     assert f"continue with --resume {run_dir}" in err
     step = _last_step(run_dir)
     assert 0 < step < 400
+    manifest = json.loads((resolve_checkpoint(run_dir, "last") / "checkpoint.json").read_text())
+    assert manifest["val_loss"] is None  # not evaluated at that step: no stale value recorded
 
 
 def test_block_size_beyond_the_data_fails_before_training(tmp_path, cache_dir):

@@ -323,3 +323,23 @@ def test_installed_entry_point_is_listed_by_the_cli(demo_plugin):
     assert demo["version"] == demo_plugin.version
     assert demo["capabilities"]["kv_cache"] is True
     assert rows["RoPE-SM"]["source"] == "builtin (ropelm.plugins.rope_sm)"
+
+
+def test_a_plugin_that_exits_on_import_is_a_failed_plugin(tmp_path, assert_one_sentence):
+    from ropelm.errors import PluginError
+
+    plugin = tmp_path / "exits.py"
+    plugin.write_text("import sys\nsys.exit(3)\n")
+    with pytest.raises(PluginError, match=r"exits.py' failed to import \(SystemExit: 3\)") as info:
+        Registry.default([plugin])
+    assert_one_sentence(str(info.value))
+
+
+def test_a_file_plugin_records_its_content_hash(tmp_path):
+    import hashlib
+
+    plugin = tmp_path / "demo.py"
+    plugin.write_text((Path(__file__).parents[1] / "examples" / "my_attention.py").read_text())
+    registry = Registry.default([plugin])
+    digest = hashlib.sha256(plugin.read_bytes()).hexdigest()[:12]
+    assert {v.version for v in registry if v.source == f"module {plugin}"} == {f"sha256:{digest}"}

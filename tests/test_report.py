@@ -272,3 +272,12 @@ def test_a_failing_variant_is_marked_off_scale_not_flattening_the_plot(sweep):
     labels = [line.get_label() for line in labelled_lines(ax)]
     assert "Learned-APE (off scale)" in labels and "RoPE-SM" in labels
     assert ax.get_ylim()[1] < 100  # scaled to the others (perplexities 9 .. 36)
+
+
+def test_compare_skips_files_a_glob_picks_up(sweep, assert_one_sentence):
+    (sweep / "comparison.md").write_text("| table |\n")
+    runs = sorted(p for p in sweep.iterdir() if (p / "summary.json").is_file())
+    assert find_runs([*runs, sweep / "comparison.md"]) == find_runs(runs)  # sweep/* in a shell
+    with pytest.raises(ConfigError, match="is a file, not a run directory") as info:
+        find_runs([runs[0] / "summary.json"])
+    assert_one_sentence(str(info.value))

@@ -83,3 +83,17 @@ def test_two_runs_into_one_directory_one_wins(tmp_path):
     assert steps == sorted(set(steps)) and steps[-1] == 60  # each row once, in order
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["steps"] == 60 and (run_dir / "config.yaml").is_file()
+
+
+def test_a_run_written_before_a_setting_existed_still_resumes(tmp_path):
+    """config.yaml of an older ropelm lacks newer sections; at their defaults it is the same run."""
+    config = validate({"name": "old", "model": {"block_size": 32}})
+    run = RunDir(tmp_path / "old")
+    run.claim(config, resume=False)
+    saved = yaml.safe_load(run.config_path.read_text())
+    del saved["init"]  # as written before init.from_run existed
+    run.config_path.write_text(yaml.safe_dump(saved))
+    run.claim(config, resume=True)  # no difference reported
+    changed = validate({"name": "old", "model": {"block_size": 32}, "init": {"method": "x"}})
+    with pytest.raises(ConfigError, match=r"init\.method"):
+        run.claim(changed, resume=True)  # a non-default value still differs

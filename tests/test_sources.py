@@ -222,3 +222,13 @@ def test_hub_unreachable_is_one_helpful_line(tmp_path):
         assert hint in error
     assert "Traceback" not in result.stderr
     assert not (tmp_path / "cache").exists() or not any((tmp_path / "cache").rglob("*.json"))
+
+
+def test_a_directory_in_data_paths_asks_for_a_glob(tmp_path, assert_one_sentence):
+    from ropelm.errors import DataError
+    from ropelm.sources import resolve_files
+
+    (tmp_path / "corpus").mkdir()
+    with pytest.raises(DataError, match=r"is a directory; name its files with a glob") as info:
+        resolve_files([str(tmp_path / "corpus")])
+    assert_one_sentence(str(info.value))

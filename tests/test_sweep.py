@@ -143,3 +143,80 @@ def test_sweep_refuses_a_run_dir_of_another_experiment(experiment, tmp_path, ass
     assert manifest["runs"][0]["status"] == "failed"
     assert "already holds a different experiment" in manifest["runs"][0]["error"]
     assert json.loads((run.dir / "summary.json").read_text()) == {}  # left alone
+
+
+def test_sweep_extends_every_run_with_each_method_into_one_table(experiment, tmp_path):
+    from ropelm.extend import parse_methods
+    from ropelm.sweep import SweepExtension
+
+    out = tmp_path / "ext-sweep"
+    extension = SweepExtension(
+        "2x", tuple(parse_methods(["none,yarn"])), steps=2, overrides=("train.warmup_steps=1",)
+    )
+    sweep_dir, runs = run_sweep(
+        Experiment.load(experiment), parse_variants(["RoPE-SM"]), [0], out=out,
+        lengths=["1x"], progress=False, log=lambda m: None, extension=extension,
+    )  # fmt: skip
+    assert [r.dir.name for r in runs] == [
+        "RoPE-SM-seed0", "RoPE-SM-seed0-extend-none-64", "RoPE-SM-seed0-extend-yarn-64",
+    ]  # fmt: skip
+    assert all(r.status == "trained" and r.evaluated == "yes" for r in runs)
+    manifest = json.loads((sweep_dir / "sweep.json").read_text())
+    assert [(r["extension"], r["parent"]) for r in manifest["runs"]] == [
+        (None, None), ("none", "RoPE-SM-seed0"), ("yarn", "RoPE-SM-seed0"),
+    ]  # fmt: skip
+    yarn = yaml.safe_load((runs[2].dir / "config.yaml").read_text())
+    assert yarn["model"]["att_options"]["scaling"] == "yarn"
+    assert yarn["model"]["att_options"]["n_kv_head"] == 1  # the parent's own options stay
+    assert yarn["train"]["warmup_steps"] == 1  # --extend-set reaches the extension runs only
+    base = yaml.safe_load((runs[0].dir / "config.yaml").read_text())
+    assert base["train"]["warmup_steps"] == 0
+    table = (sweep_dir / "comparison.md").read_text()
+    # extended runs get their own rows, and lengths line up by tokens across block sizes
+    assert "RoPE-SM:n_kv_head=1 extended (yarn, 64)" in table
+    assert "RoPE-SM:n_kv_head=1 extended (none, 64)" in table
+    assert "| T=32 " in table and "| T=64 " in table and "1x (" not in table  # 1x differs
+
+
+def test_sweep_refuses_an_extension_the_variant_lacks_before_training(experiment, tmp_path):
+    from ropelm.extend import parse_methods
+    from ropelm.sweep import SweepExtension
+
+    extension = SweepExtension("2x", tuple(parse_methods(["yarn"])))
+    with pytest.raises(ConfigError, match="'ALiBi' has no RoPE"):
+        run_sweep(
+            Experiment.load(experiment), parse_variants(["RoPE-SM,ALiBi"]), [0],
+            out=tmp_path / "s", progress=False, log=lambda m: None, extension=extension,
+        )  # fmt: skip
+    assert not (tmp_path / "s" / "RoPE-SM-seed0").exists()  # nothing trained
+
+
+def test_ctrl_c_stops_the_whole_sweep_resumably(experiment, tmp_path, assert_one_sentence):
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    raw = yaml.safe_load(experiment.read_text())
+    raw["train"].update(max_steps=100_000, eval_every=100_000, log_every=50)
+    experiment.write_text(yaml.safe_dump(raw))
+    out = tmp_path / "sweep"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "ropelm.cli", "sweep", str(experiment), "--variants",
+         "RoPE-SM,NoPE", "--out", str(out), "--no-eval", "--quiet"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    first = out / "RoPE-SM-seed0"
+    deadline = time.monotonic() + 120
+    while not (first / "metrics.jsonl").exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 1 and "Traceback" not in err
+    message = err.strip().splitlines()[-1].removeprefix("Error: ")
+    assert message.startswith("Sweep stopped during RoPE-SM seed 0 (0 of 2 runs done")
+    assert_one_sentence(message)
+    manifest = json.loads((out / "sweep.json").read_text())
+    assert [r["status"] for r in manifest["runs"]] == ["interrupted", "pending"]
+    assert (first / "checkpoints" / "last.json").is_file()  # resumable by the same command
+    assert not (out / "NoPE-seed0").exists()  # the next variant never started

@@ -35,3 +35,15 @@ def test_throughput_meter_laps():
     seconds, rate = meter.lap()
     assert seconds > 0 and rate == pytest.approx(1000 / seconds)
     assert meter.lap()[1] == 0  # the next lap starts empty
+
+
+def test_throughput_watch_warns_once_when_the_rate_collapses():
+    from ropelm.train_state import ThroughputWatch
+
+    watch = ThroughputWatch(warmup=3, fraction=0.5)
+    assert [watch.observe(r) for r in (800.0, 1000.0, 900.0)] == [None, None, None]
+    assert watch.observe(600.0) is None  # slower, not collapsed
+    warning = watch.observe(300.0)
+    assert warning is not None and "from 1,000 to 300 tokens/s" in warning
+    assert "--threads" in warning
+    assert watch.observe(100.0) is None  # once per run

@@ -7,9 +7,12 @@ imported. Every command builds at most one plugin registry and passes it down.
 
 from ropelm.cli import (  # noqa: F401 (imported to register their commands)
     bench,
+    check,
     compare,
     device_check,
     eval,
+    export,
+    extend,
     generate,
     plugins,
     prepare,

@@ -65,6 +65,23 @@ resume_option = click.option(
 quiet_option = click.option("--quiet", is_flag=True, help="No progress bars.")
 
 
+def _set_threads(ctx: click.Context, param: click.Parameter, value: int | None) -> None:
+    if value is not None:
+        from ropelm.distributed import set_cpu_threads
+
+        set_cpu_threads(value)
+
+
+threads_option = click.option(
+    "--threads",
+    type=click.IntRange(min=1),
+    expose_value=False,
+    callback=_set_threads,
+    help="CPU threads for torch (default: train.threads, else one per core). Jobs sharing "
+    "the cores should split them: N x jobs <= cores.",
+)
+
+
 def print_summary(summary: dict) -> None:
     """The run's one-line result (by the main process only, under torchrun)."""
     from ropelm.distributed import context_from_env

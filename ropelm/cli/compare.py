@@ -50,6 +50,8 @@ def compare_command(
 
     RUN_DIR is a run directory or a directory of runs (a sweep). Runs of the same
     variant (att_type and att_options) are grouped; std is over seeds (n - 1).
+    Runs evaluated with `ropelm-exp eval --passkey` add the passkey accuracy table
+    (length x depth) and, with --out, passkey.csv and the passkey_accuracy.png heatmap.
 
     \b
     Examples:

@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
 
-from ropelm.cli.app import main
+from ropelm.cli.app import main, threads_option
+
+if TYPE_CHECKING:
+    from ropelm.passkey import PasskeySettings
 
 
 @main.command("eval")
@@ -72,6 +76,37 @@ from ropelm.cli.app import main
     "runs). Only for runs you trust; built-in and installed plugins need no flag.",
 )
 @click.option(
+    "--plugin",
+    "plugin_modules",
+    multiple=True,
+    metavar="FILE_OR_MODULE",
+    help="A plugin module that registers the run's variant (.py file or dotted name; "
+    "repeatable): your own copy, imported instead of the one the checkpoint names.",
+)
+@threads_option
+@click.option(
+    "--passkey",
+    is_flag=True,
+    help="Test passkey retrieval instead of perplexity: a 5-digit key hidden at each --depths "
+    "in filler text of each length, greedily decoded (result under 'passkey' in eval.json).",
+)
+@click.option(
+    "--depths",
+    metavar="D1,D2,...",
+    help="With --passkey: where the key sits, as fractions of the filler before it "
+    "(0 = first, 1 = just before the question). Default: 0,0.25,0.5,0.75,1.",
+)
+@click.option(
+    "--trials",
+    type=int,
+    help="With --passkey: prompts (keys) per length and depth. Default: 50.",
+)
+@click.option(
+    "--seed",
+    type=int,
+    help="With --passkey: seed of the random keys (the same keys at every cell). Default: 0.",
+)
+@click.option(
     "--out",
     "out_file",
     type=click.Path(dir_okay=False, path_type=Path),
@@ -91,6 +126,11 @@ def eval_command(
     device: str,
     attention_backend: str | None,
     trust_plugins: bool,
+    plugin_modules: tuple[str, ...],
+    passkey: bool,
+    depths: str | None,
+    trials: int | None,
+    seed: int | None,
     out_file: Path | None,
 ) -> None:
     """Validation perplexity of a run at several lengths (length extrapolation).
@@ -101,6 +141,14 @@ def eval_command(
     Variants that cannot run beyond their block size (e.g. Learned-APE) get n/a.
     The result is written atomically to RUN_DIR/eval.json and printed.
 
+    With --passkey, the run is tested on passkey retrieval instead (Mohtashami &
+    Jaggi 2023): each prompt is exactly L - 10 tokens of filler text with "The
+    pass key is NNNNN. Remember it. NNNNN is the pass key." at a depth of the
+    filler and the question "What is the pass key? The pass key is" at the end;
+    the model greedily writes 10 tokens, and a trial succeeds when their first run
+    of digits is the key. The accuracy per length and depth goes under "passkey"
+    in the same eval.json, next to the perplexity results of the same checkpoint.
+
     \b
     Examples:
       ropelm-exp eval runs/quickstart --lengths 1x,2x,4x,8x
@@ -110,6 +158,8 @@ def eval_command(
           --att-option scale_factor=auto
       ropelm-exp eval runs/quickstart --lengths 512,1024 --max-windows 50 --stride 64
       ropelm-exp eval runs/quickstart --lengths 1x,2x,4x,8x --max-tokens 131072
+      ropelm-exp eval runs/quickstart --passkey --lengths 1x,2x,4x,8x
+      ropelm-exp eval runs/quickstart --passkey --lengths 2x --depths 0,0.5,1 --trials 20
     """
     from ropelm.checkpoint import checkpoint_registry
     from ropelm.eval_run import evaluate_run, format_eval_table, run_root
@@ -117,10 +167,11 @@ def eval_command(
     from ropelm.variants import parse_att_options
 
     overrides = parse_att_options(att_options)
+    settings = _passkey_settings(passkey, depths, trials, seed, max_windows, max_tokens, methods)
     run_root(run_dir)  # a directory that is not a run: one sentence before anything loads
     report = evaluate_run(
         run_dir,
-        checkpoint_registry(run_dir, which, trust_plugins=trust_plugins),
+        checkpoint_registry(run_dir, which, trust_plugins=trust_plugins, plugins=plugin_modules),
         lengths=list(lengths) or None,
         att_options=overrides,
         max_windows=max_windows,
@@ -132,6 +183,44 @@ def eval_command(
         device=device,
         attention_backend=attention_backend,
         out=out_file,
+        passkey=settings,
+        progress=settings is not None,
     )
-    click.echo(format_eval_table(report))
+    if settings is not None:
+        from ropelm.passkey_report import format_passkey_table
+
+        click.echo(format_passkey_table(report["passkey"], title=report["att_type"]))
+    else:
+        click.echo(format_eval_table(report))
     click.echo(f"written: {report['path']}")
+
+
+def _passkey_settings(
+    passkey: bool,
+    depths: str | None,
+    trials: int | None,
+    seed: int | None,
+    max_windows: int | None,
+    max_tokens: int | None,
+    methods: tuple[str, ...],
+) -> PasskeySettings | None:
+    """The passkey test's settings (None without --passkey); options of the other test: one
+    sentence."""
+    from ropelm.errors import ConfigError
+    from ropelm.passkey import DEFAULT_DEPTHS, DEFAULT_TRIALS, PasskeySettings, parse_depths
+
+    if not passkey:
+        given = [name for name, v in (("--depths", depths), ("--trials", trials),
+                                      ("--seed", seed)) if v is not None]  # fmt: skip
+        if given:
+            raise ConfigError(f"{', '.join(given)} only apply to --passkey; add --passkey.")
+        return None
+    given = [name for name, v in (("--max-windows", max_windows), ("--max-tokens", max_tokens),
+                                  ("--method", methods or None)) if v is not None]  # fmt: skip
+    if given:
+        raise ConfigError(f"{', '.join(given)} only apply to perplexity, not to --passkey.")
+    return PasskeySettings(
+        depths=parse_depths(depths) if depths is not None else DEFAULT_DEPTHS,
+        trials=trials if trials is not None else DEFAULT_TRIALS,
+        seed=seed if seed is not None else 0,
+    )

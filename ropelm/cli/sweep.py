@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from ropelm.cli.app import experiment_argument, main, quiet_option, set_option
+from ropelm.cli.app import experiment_argument, main, quiet_option, set_option, threads_option
 from ropelm.experiment import Experiment
 
 
@@ -48,7 +48,39 @@ from ropelm.experiment import Experiment
     help="Cap on scored tokens per length (see `ropelm-exp eval`).",
 )
 @click.option("--no-eval", is_flag=True, help="Train only; skip the length evaluation.")
+@click.option(
+    "--extend",
+    "extend_block",
+    metavar="BLOCK",
+    help="Then extend every run to this block size (4x or tokens) with each of --methods, "
+    "as `ropelm-exp extend` does; the extended runs are evaluated and compared too.",
+)
+@click.option(
+    "--methods",
+    multiple=True,
+    default=("none",),
+    show_default=True,
+    metavar="M1,M2,...",
+    help="Extension methods for --extend: none, linear, ntk, dynamic, yarn, llama3, "
+    "abf:new_base=VALUE (with options after colons).",
+)
+@click.option(
+    "--extend-steps",
+    default=100,
+    show_default=True,
+    type=click.IntRange(min=1),
+    help="Fine-tuning steps of each extension run.",
+)
+@click.option(
+    "--extend-set",
+    "extend_overrides",
+    multiple=True,
+    metavar="KEY.PATH=VALUE",
+    help="Override a setting of the extension runs only, e.g. --extend-set "
+    "train.learning_rate=5e-4 (repeatable).",
+)
 @quiet_option
+@threads_option
 def sweep_command(
     experiment: Path,
     variants: tuple[str, ...],
@@ -59,6 +91,10 @@ def sweep_command(
     max_windows: int | None,
     max_tokens: int | None,
     no_eval: bool,
+    extend_block: str | None,
+    methods: tuple[str, ...],
+    extend_steps: int,
+    extend_overrides: tuple[str, ...],
     quiet: bool,
 ) -> None:
     """Train and evaluate several attention variants x seeds on one experiment.
@@ -73,18 +109,28 @@ def sweep_command(
       ropelm-exp sweep experiments/quickstart.yaml --variants RoPE-SM,ALiBi,NoPE --seeds 0,1,2
       ropelm-exp sweep experiments/quickstart.yaml \\
           --variants RoPE-SM,RoPE-Sliding:window=32 --lengths 1x,2x,4x --max-windows 100
+    Context extension, methods x seeds in one table:
+      ropelm-exp sweep experiments/quickstart.yaml --variants RoPE-SM --seeds 0,1,2 \\
+          --extend 4x --methods none,linear,ntk,yarn --extend-steps 100
     """
-    from ropelm.sweep import parse_seeds, run_sweep
+    from ropelm.extend import parse_methods
+    from ropelm.sweep import SweepExtension, parse_seeds, run_sweep
     from ropelm.variants import parse_variants
 
     choices = parse_variants(variants)
     seed_list = parse_seeds(seeds)
+    extension = None
+    if extend_block is not None:
+        extension = SweepExtension(
+            extend_block, tuple(parse_methods(methods)), extend_steps, extend_overrides
+        )
     base = Experiment.load(experiment, overrides)
     sweep_dir, runs = run_sweep(
         base, choices, seed_list, out=out_dir, lengths=list(lengths) or None,
         max_windows=max_windows, max_tokens=max_tokens, evaluate=not no_eval,
         progress=not quiet, log=click.echo,
         origin={"experiment": str(experiment), "overrides": list(overrides)},
+        extension=extension,
     )  # fmt: skip
     counts = {s: sum(r.status == s for r in runs) for s in ("trained", "resumed", "skipped")}
     click.echo(

@@ -12,6 +12,7 @@ from ropelm.cli.app import (
     resume_option,
     run_dir_option,
     set_option,
+    threads_option,
 )
 from ropelm.experiment import Experiment
 
@@ -22,6 +23,7 @@ from ropelm.experiment import Experiment
 @run_dir_option
 @resume_option
 @quiet_option
+@threads_option
 def train_command(
     experiment: Path,
     overrides: tuple[str, ...],

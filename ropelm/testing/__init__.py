@@ -91,6 +91,7 @@ __all__ = [
     "conformance_config",
     "naive_attention",
     "run_all",
+    "run_checks",
 ]
 
 
@@ -129,6 +130,21 @@ def run_all(spec: AttentionSpec, config: ModelConfig | None = None) -> list[Chec
     a single AssertionError listing every failed check with its message (checks
     that do not apply are not failures).
     """
+    results = run_checks(spec, config)
+    failed = [r for r in results if r.outcome == "failed"]
+    if failed:
+        lines = "\n".join(f"- {r.check}: {r.message}" for r in failed)
+        raise AssertionError(
+            f"{len(failed)} of {len(CHECKS)} conformance checks failed for '{spec.name}':\n{lines}"
+        )
+    return results
+
+
+def run_checks(spec: AttentionSpec, config: ModelConfig | None = None) -> list[CheckResult]:
+    """Every check in :data:`CHECKS` on ``spec``: one :class:`CheckResult` each, never raising.
+
+    ``ropelm-exp check`` prints these as a table.
+    """
     results = []
     for check in CHECKS:
         try:
@@ -141,10 +157,4 @@ def run_all(spec: AttentionSpec, config: ModelConfig | None = None) -> list[Chec
             results.append(CheckResult(check.__name__, "failed", f"{type(err).__name__}: {err}"))
         else:
             results.append(CheckResult(check.__name__, "passed"))
-    failed = [r for r in results if r.outcome == "failed"]
-    if failed:
-        lines = "\n".join(f"- {r.check}: {r.message}" for r in failed)
-        raise AssertionError(
-            f"{len(failed)} of {len(CHECKS)} conformance checks failed for '{spec.name}':\n{lines}"
-        )
     return results
