@@ -29,6 +29,7 @@ import hashlib
 import json
 import logging
 import time
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -40,7 +41,7 @@ from ropelm.atomic import atomic_path, atomic_write_json, file_sha256
 from ropelm.cache import cache_lock, content_hash
 from ropelm.config import ExperimentConfig
 from ropelm.errors import DataError
-from ropelm.sources import SPLITS, DocumentSource
+from ropelm.sources import PIECE_CHARS, SPLITS, DocumentSource, split_at_words
 from ropelm.tokenfile import TokenFile
 from ropelm.tokenizer import SPECIAL_TOKENS, TokenizerInfo, load_tokenizer
 
@@ -107,16 +108,25 @@ class _SplitWriter:
         self.sha256 = hashlib.sha256()
         self.tokens = self.documents = 0
 
-    def write(self, encodings: list[Any]) -> None:
+    def write(self, documents: Iterable[Iterable[list[int]]]) -> None:
+        """Append documents, each given as pieces of token ids and followed by end-of-text;
+        short documents are gathered into one write, a long one is written piece by piece."""
         flat: list[int] = []
-        for encoding in encodings:
-            flat += encoding.ids
+        for pieces in documents:
+            for ids in pieces:
+                flat += ids
+                if len(flat) >= 1 << 18:
+                    self._append(flat)
+                    flat = []
             flat.append(self.eot_id)
-        array = np.asarray(flat, dtype=self.dtype.newbyteorder("<"))
+            self.documents += 1
+        self._append(flat)
+
+    def _append(self, ids: list[int]) -> None:
+        array = np.asarray(ids, dtype=self.dtype.newbyteorder("<"))
         self.file.write(array.data)
         self.sha256.update(array.data)
-        self.tokens += len(flat)
-        self.documents += len(encodings)
+        self.tokens += len(ids)
 
     def summary(self, name: str) -> dict[str, Any]:
         return {
@@ -200,6 +210,23 @@ def _prepare(
     return load_prepared(out, tokenizer, verify=False)
 
 
+def encode_documents(
+    tok: Any, texts: list[str], piece_chars: int = PIECE_CHARS
+) -> Iterator[Iterator[list[int]]]:
+    """Each text's token ids, as an iterator of pieces: a text longer than ``piece_chars`` is
+    encoded piece by piece (:func:`ropelm.sources.split_at_words`) and written as it goes, so
+    memory stays bounded (a 50 MB one-line document once took 11 GB in one call); the ids are
+    those of the whole text."""
+    short = [text for text in texts if len(text) <= piece_chars]
+    encoded = iter(tok.encode_batch_fast(short, add_special_tokens=False))
+    for text in texts:
+        if len(text) <= piece_chars:
+            yield iter([next(encoded).ids])
+        else:
+            pieces = split_at_words(text, piece_chars)
+            yield (tok.encode(piece, add_special_tokens=False).ids for piece in pieces)
+
+
 def _tokenize(
     source: DocumentSource, tok: Any, writers: dict[str, _SplitWriter], *, progress: bool
 ) -> int:
@@ -211,7 +238,7 @@ def _tokenize(
     read = special = 0
 
     def flush(split: str) -> None:
-        writers[split].write(tok.encode_batch_fast(pending[split], add_special_tokens=False))
+        writers[split].write(encode_documents(tok, pending[split]))
         pending[split], chars[split] = [], 0
 
     with tqdm(desc="prepare", unit=" docs", disable=not progress, total=d.max_documents) as bar:

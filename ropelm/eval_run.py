@@ -223,10 +223,7 @@ def _evaluate(
 
     _, data = cached_stages(config, str(root / "config.yaml"))
     torch_device = resolve_device(device)
-    choice = config.train.precision
-    if choice == "fp16" and torch_device.type != "cuda":
-        choice = "fp32"  # a GPU run evaluated elsewhere: fp16 autocast is CUDA's alone
-    precision = resolve_precision(choice, torch_device)
+    precision = _eval_precision(config.train.precision, torch_device)
     eot_id = data.meta["tokenizer"]["eot_id"] if config.train.document_mask else None
     window_batch = batch_size or config.eval.batch_size or config.train.batch_size
     scorer = _Scorer(
@@ -241,23 +238,13 @@ def _evaluate(
             entry["att_options"] = configs_at[label].att_options
         for method in methods:
             if length > block_size and not capabilities.extrapolates:
-                entry[method] = {
-                    "status": NA,
-                    "reason": f"{model_config.att_type} does not run beyond its block size of "
-                    f"{block_size} tokens (capabilities.extrapolates is False)",
-                }
+                entry[method] = {"status": NA, "reason": _beyond_block(model_config)}
             else:
                 entry[method] = scorer.cell(configs_at[label], length, method)
         results[label] = entry
     batch_tokens = scorer.batch_tokens
-    report = {
-        "run_dir": str(root),
-        "checkpoint": str(checkpoint),
-        "step": manifest.get("step"),
-        "att_type": model_config.att_type,
-        "att_options": dict(model_config.att_options),
-        "att_option_overrides": overrides,
-        "block_size": block_size,
+    return {
+        **_report_header(root, checkpoint, manifest, model_config, overrides),
         "max_windows": max_windows,
         "max_tokens": max_tokens,
         "stride": str(stride),
@@ -266,7 +253,6 @@ def _evaluate(
         "device": str(torch_device),
         "results": results,
     }
-    return report
 
 
 def _evaluate_passkey(
@@ -297,10 +283,7 @@ def _evaluate_passkey(
     block_size = model_config.block_size
     capabilities = next(iter(resolved.values())).spec.capabilities
     torch_device = resolve_device(device)
-    choice = config.train.precision
-    if choice == "fp16" and torch_device.type != "cuda":
-        choice = "fp32"  # fp16 autocast is CUDA's alone (as in _evaluate)
-    precision = resolve_precision(choice, torch_device)
+    precision = _eval_precision(config.train.precision, torch_device)
     models = _ModelCache(checkpoint, torch_device, resolved)
     window_batch = batch_size or config.eval.batch_size or config.train.batch_size
     runner = PasskeyRunner(
@@ -310,10 +293,7 @@ def _evaluate_passkey(
 
     def model_at(label: str) -> TransformerLM | str:
         if parsed[label] > block_size and not capabilities.extrapolates:
-            return (
-                f"{model_config.att_type} does not run beyond its block size of {block_size} "
-                "tokens (capabilities.extrapolates is False)"
-            )
+            return _beyond_block(model_config)
         return models.get(configs_at[label])
 
     section = runner.run(parsed, model_at, progress=progress)
@@ -321,17 +301,46 @@ def _evaluate_passkey(
         for label, entry in section["results"].items():
             entry["att_options"] = configs_at[label].att_options
     return {
+        **_report_header(root, checkpoint, manifest, model_config, overrides),
+        "device": str(torch_device),
+        "results": {},
+        "passkey": section,
+    }
+
+
+def _report_header(
+    root: Path,
+    checkpoint: Path,
+    manifest: dict[str, Any],
+    model_config: ModelConfig,
+    overrides: dict[str, Any],
+) -> dict[str, Any]:
+    """What every eval JSON starts with: which run, checkpoint and model it scored."""
+    return {
         "run_dir": str(root),
         "checkpoint": str(checkpoint),
         "step": manifest.get("step"),
         "att_type": model_config.att_type,
         "att_options": dict(model_config.att_options),
         "att_option_overrides": overrides,
-        "block_size": block_size,
-        "device": str(torch_device),
-        "results": {},
-        "passkey": section,
+        "block_size": model_config.block_size,
     }
+
+
+def _eval_precision(trained: str, device: torch.device) -> Precision:
+    """The run's precision on ``device``; fp16 autocast is CUDA's alone (a GPU run scored
+    elsewhere falls back to fp32)."""
+    return resolve_precision(
+        "fp32" if trained == "fp16" and device.type != "cuda" else trained, device
+    )
+
+
+def _beyond_block(model_config: ModelConfig) -> str:
+    """Why a variant gets n/a beyond its block size."""
+    return (
+        f"{model_config.att_type} does not run beyond its block size of "
+        f"{model_config.block_size} tokens (capabilities.extrapolates is False)"
+    )
 
 
 def _keep_other_result(target: Path, report: dict[str, Any]) -> dict[str, Any]:

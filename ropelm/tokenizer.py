@@ -34,7 +34,7 @@ from ropelm.atomic import atomic_path, atomic_write_json, file_sha256
 from ropelm.cache import cache_lock, content_hash
 from ropelm.config import ExperimentConfig
 from ropelm.errors import ConfigError, DataError
-from ropelm.sources import DocumentSource, split_documents
+from ropelm.sources import PIECE_CHARS, DocumentSource, split_at_words, split_documents
 
 log = logging.getLogger(__name__)
 
@@ -115,7 +115,10 @@ def training_batches(
         for text in split_documents(config.data, "train"):
             if t.max_characters is not None:
                 text = text[: t.max_characters - stats["characters"]]
-            batch.append(text)
+            if len(text) > PIECE_CHARS:  # bounded memory: a huge document goes in pieces
+                yield from ([piece] for piece in split_at_words(text, PIECE_CHARS))
+            else:
+                batch.append(text)
             stats["documents"] += 1
             stats["characters"] += len(text)
             bar.update()

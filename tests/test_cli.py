@@ -28,7 +28,7 @@ PLUGIN = textwrap.dedent(
 )
 GOOD = {
     "name": "cli-test",
-    "model": {"n_layer": 2, "n_head": 4, "n_embd": 32, "vocab_size": 64, "block_size": 32},
+    "model": {"n_layer": 2, "n_head": 4, "n_embd": 32, "vocab_size": 512, "block_size": 32},
     "train": {"batch_size": 2, "max_steps": 1},
 }
 
@@ -172,3 +172,57 @@ def test_validate_bad_override_is_one_line_error(tmp_path):
     assert_one_line_error(
         invoke("validate", str(path), "--set", "model.n_layer"), "write overrides as key.path=value"
     )
+
+
+WRONG_SHAPE_PLUGIN = """
+import torch
+import ropelm
+
+
+class HalfWidth(torch.nn.Module):
+    def __init__(self, config, options):
+        super().__init__()
+        self.proj = torch.nn.Linear(config.n_embd, config.n_embd // 2)
+
+    def forward(self, x, cache=None, document_ids=None):
+        return self.proj(x)  # (B, T, C/2): the residual stream cannot take it
+
+
+@ropelm.hookimpl
+def ropelm_register_attention(register):
+    register(ropelm.AttentionSpec(
+        name="Half-Width", description="wrong output shape", reference="https://example.org",
+        factory=HalfWidth, capabilities=ropelm.Capabilities(kv_cache=False, document_mask=False),
+    ))
+"""
+
+
+def test_validate_runs_the_plugin_once_and_checks_the_vocabulary(tmp_path):
+    (tmp_path / "half.py").write_text(WRONG_SHAPE_PLUGIN)
+    path = write_yaml(
+        tmp_path / "half.yaml",
+        {**GOOD, "plugins": ["half.py"], "model": {**GOOD["model"], "att_type": "Half-Width"}},
+    )
+    assert_one_line_error(
+        invoke("validate", str(path)), "Attention 'Half-Width'", "fails a forward pass on"
+    )
+    good = write_yaml(tmp_path / "good.yaml", GOOD)
+    assert_one_line_error(
+        invoke("validate", str(good), "--set", "model.vocab_size=100"),
+        "model.vocab_size (100) is smaller than the byte alphabet",
+    )
+
+
+def test_ctrl_c_outside_training_is_one_sentence_and_status_130(tmp_path, monkeypatch):
+    """Ctrl-C in tokenizer training or data preparation (KeyboardInterrupt from Python code
+    such as the document stream) ends the command at once with one sentence, no traceback."""
+    import ropelm.tokenizer
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(ropelm.tokenizer, "train_tokenizer", interrupted)
+    result = invoke("prepare", str(write_yaml(tmp_path / "good.yaml", GOOD)))
+    assert result.exit_code == 130
+    assert result.stderr.strip().startswith("Interrupted: finished caches and checkpoints")
+    assert "Traceback" not in result.output

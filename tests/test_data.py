@@ -248,3 +248,24 @@ def test_cli_tokenizer_and_prepare(prepared, tmp_path):
     assert bad.exit_code == 1
     assert bad.output.strip().splitlines()[-1].startswith("Error: model.vocab_size (100)")
     assert "--force" in runner.invoke(main, ["prepare", "--help"]).output
+
+
+def test_a_long_document_is_encoded_in_pieces_with_the_same_ids(prepared):
+    """Bounded memory for huge one-line documents: pieces cut at word starts give exactly the
+    ids of the whole text (byte-level BPE never merges across a pre-token boundary)."""
+    from ropelm.data import encode_documents
+    from ropelm.sources import split_at_words
+
+    _, _, data = prepared
+    tok = Tokenizer.from_file(data.meta["tokenizer"]["path"])
+    rng = np.random.default_rng(0)
+    words = ["the", "history", "of", "Zürich", "1987", "—", "東京", "x\n", "a  b", "   ", "!!"]
+    text = "".join(rng.choice(words) + rng.choice([" ", "  ", "", "\n "]) for _ in range(3000))
+    pieces = split_at_words(text, 200)
+    assert "".join(pieces) == text and len(pieces) > 20
+    assert all(len(piece) <= 200 for piece in pieces)
+    whole = tok.encode(text, add_special_tokens=False).ids
+    documents = [
+        [i for ids in pieces for i in ids] for pieces in encode_documents(tok, ["one", text], 200)
+    ]
+    assert documents == [tok.encode("one", add_special_tokens=False).ids, whole]

@@ -21,6 +21,13 @@ class _FriendlyGroup(click.Group):
             return super().invoke(ctx)
         except RopelmError as err:
             raise click.ClickException(str(err)) from None
+        except KeyboardInterrupt:  # Ctrl-C outside training (which stops at a checkpoint)
+            click.echo(
+                "Interrupted: finished caches and checkpoints are kept and unfinished files "
+                "are never used; run the same command again to continue.",
+                err=True,
+            )
+            ctx.exit(130)
 
 
 @click.group(cls=_FriendlyGroup, context_settings={"help_option_names": ["-h", "--help"]})
