@@ -44,9 +44,11 @@ from ropelm.checkpoint import (
     resolve_checkpoint,
     verify_checkpoint,
 )
-from ropelm.config import ModelConfig, validate
+from ropelm.config import ExperimentConfig, ModelConfig, validate
+from ropelm.data import PreparedData, prepare_data
 from ropelm.distributed import resolve_device
 from ropelm.errors import ConfigError, DataError
+from ropelm.hf_import import is_hf_dir, read_hf_model
 from ropelm.model import TransformerLM
 from ropelm.passkey import PasskeyRunner, PasskeySettings, PromptBuilder
 from ropelm.perplexity import (
@@ -61,7 +63,7 @@ from ropelm.pipeline import cached_stages
 from ropelm.recipe import Precision, resolve_precision
 from ropelm.registry import Registry
 from ropelm.runs import RunDir, exclusive_writer
-from ropelm.tokenizer import load_tokenizer
+from ropelm.tokenizer import load_tokenizer, tokenizer_info
 
 EVAL_FILE = "eval.json"
 NA = "n/a"
@@ -101,12 +103,14 @@ def eval_file_name(overrides: Mapping[str, Any]) -> str:
 def run_root(path: Path) -> Path:
     """The run directory of ``path``: a run directory or one of its checkpoint directories."""
     path = Path(path)
+    if is_hf_dir(path):  # a transformers directory is scored where it is
+        return path
     for candidate in (path, path.parent, path.parent.parent):
         if (candidate / "config.yaml").is_file():
             return candidate
     raise ConfigError(
         f"{path} is not a run directory (no config.yaml there or above); give the directory "
-        "that `ropelm-exp run` or `sweep` wrote."
+        "that `ropelm-exp run` or `sweep` wrote, or a transformers directory with --data."
     )
 
 
@@ -127,6 +131,7 @@ def evaluate_run(
     out: str | Path | None = None,
     passkey: PasskeySettings | None = None,
     progress: bool = False,
+    data: ExperimentConfig | None = None,
 ) -> dict[str, Any]:
     """Evaluate a run at several lengths and write the result as JSON (atomically).
 
@@ -157,6 +162,9 @@ def evaluate_run(
             ``model.attention_backend``, usually ``auto``); recorded per length.
         out: where to write (default ``RUN_DIR/eval.json`` or ``eval-<options>.json``).
         passkey: depths, trials and seed of the passkey test (None: perplexity).
+        data: for a transformers directory (``ropelm-exp export`` or the same structure),
+            the experiment whose validation split is scored, tokenized with the model's
+            own tokenizer (a run directory uses its own configuration).
         progress: show a progress bar (the passkey test).
 
     Returns:
@@ -170,13 +178,13 @@ def evaluate_run(
     with exclusive_writer(root) if into_run else contextlib.nullcontext():
         if passkey is not None:
             report = _evaluate_passkey(
-                Path(run_dir), root, registry, overrides, passkey, lengths=lengths,
+                Path(run_dir), root, registry, overrides, passkey, data, lengths=lengths,
                 batch_size=batch_size, which=which, device=device,
                 attention_backend=attention_backend, progress=progress,
             )  # fmt: skip
         else:
             report = _evaluate(
-                Path(run_dir), root, registry, overrides, lengths=lengths,
+                Path(run_dir), root, registry, overrides, data, lengths=lengths,
                 max_windows=max_windows, max_tokens=max_tokens, stride=stride,
                 batch_size=batch_size, methods=methods, which=which, device=device,
                 attention_backend=attention_backend,
@@ -192,6 +200,7 @@ def _evaluate(
     root: Path,
     registry: Registry,
     overrides: dict[str, Any],
+    data: ExperimentConfig | None,
     *,
     lengths: Iterable[str] | None,
     max_windows: int | None,
@@ -203,10 +212,7 @@ def _evaluate(
     device: str,
     attention_backend: str | None,
 ) -> dict[str, Any]:
-    checkpoint = resolve_checkpoint(run_dir, which)
-    manifest = verify_checkpoint(checkpoint).manifest
-    config = validate(RunDir(root).read_config())
-    model_config, _ = read_model_config(checkpoint)
+    checkpoint, manifest, config, model_config = _open(run_dir, root, which, data)
     model_config = model_config.model_copy(
         update={"att_options": {**model_config.att_options, **overrides}}
     )
@@ -221,13 +227,13 @@ def _evaluate(
     block_size = model_config.block_size
     capabilities = next(iter(resolved.values())).spec.capabilities
 
-    _, data = cached_stages(config, str(root / "config.yaml"))
+    prepared = _prepared_data(checkpoint, config, root)
     torch_device = resolve_device(device)
     precision = _eval_precision(config.train.precision, torch_device)
-    eot_id = data.meta["tokenizer"]["eot_id"] if config.train.document_mask else None
+    eot_id = prepared.meta["tokenizer"]["eot_id"] if config.train.document_mask else None
     window_batch = batch_size or config.eval.batch_size or config.train.batch_size
     scorer = _Scorer(
-        models=_ModelCache(checkpoint, torch_device, resolved), split=data.val,
+        models=_ModelCache(checkpoint, torch_device, resolved), split=prepared.val,
         device=torch_device, precision=precision, batch_tokens=window_batch * block_size,
         max_windows=max_windows, max_tokens=max_tokens, stride=stride, eot_id=eot_id,
     )  # fmt: skip
@@ -261,6 +267,7 @@ def _evaluate_passkey(
     registry: Registry,
     overrides: dict[str, Any],
     settings: PasskeySettings,
+    data: ExperimentConfig | None,
     *,
     lengths: Iterable[str] | None,
     batch_size: int | None,
@@ -270,10 +277,7 @@ def _evaluate_passkey(
     progress: bool,
 ) -> dict[str, Any]:
     """The passkey test at each length (:class:`ropelm.passkey.PasskeyRunner`) -> the report."""
-    checkpoint = resolve_checkpoint(run_dir, which)
-    manifest = verify_checkpoint(checkpoint).manifest
-    config = validate(RunDir(root).read_config())
-    model_config, _ = read_model_config(checkpoint)
+    checkpoint, manifest, config, model_config = _open(run_dir, root, which, data)
     update: dict[str, Any] = {"att_options": {**model_config.att_options, **overrides}}
     if attention_backend is not None:
         update["attention_backend"] = attention_backend
@@ -306,6 +310,31 @@ def _evaluate_passkey(
         "results": {},
         "passkey": section,
     }
+
+
+def _open(
+    run_dir: Path, root: Path, which: str, data: ExperimentConfig | None
+) -> tuple[Path, dict[str, Any], ExperimentConfig, ModelConfig]:
+    """The directory with the weights, its manifest, the settings and the model to score."""
+    if is_hf_dir(run_dir):
+        if data is None:
+            raise ConfigError(
+                f"{run_dir} is a transformers model without ropelm's experiment; name the data "
+                "to score with --data EXPERIMENT.yaml."
+            )
+        return Path(run_dir), {}, data, read_hf_model(run_dir)[0]
+    checkpoint = resolve_checkpoint(run_dir, which)
+    manifest = verify_checkpoint(checkpoint).manifest
+    model_config, _ = read_model_config(checkpoint)
+    return checkpoint, manifest, data or validate(RunDir(root).read_config()), model_config
+
+
+def _prepared_data(checkpoint: Path, config: ExperimentConfig, root: Path) -> PreparedData:
+    """The run's token files; for a transformers directory, the experiment's data tokenized
+    with the model's own tokenizer (prepared once, then cached)."""
+    if is_hf_dir(checkpoint):
+        return prepare_data(config, tokenizer_info(checkpoint / TOKENIZER), progress=False)
+    return cached_stages(config, str(root / "config.yaml"))[1]
 
 
 def _report_header(
@@ -435,7 +464,10 @@ class _ModelCache:
         if self._model is None or self._key != key:
             self._model = None  # free the previous model before building the next one
             model = TransformerLM(config, self.resolved[key])
-            load_weights(model, self.checkpoint, self.device)
+            if is_hf_dir(self.checkpoint):
+                model.load_state_dict(read_hf_model(self.checkpoint)[1])
+            else:
+                load_weights(model, self.checkpoint, self.device)
             self._key, self._model = key, model.to(self.device).eval()
         return self._model
 

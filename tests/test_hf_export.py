@@ -266,3 +266,25 @@ def test_missing_transformers_is_one_sentence_naming_the_extra(
         export_hf(run, tmp_path / "hf")
     assert_one_sentence(str(err.value))
     assert not (tmp_path / "hf").exists()
+
+
+def test_eval_scores_a_transformers_directory_like_the_run_it_came_from(tmp_path, trained_run):
+    """`eval HF_DIR --data EXP.yaml`: the experiment's validation split, tokenized with the
+    exported tokenizer, gives the run's own perplexities (the same model and tokens)."""
+    code, out = invoke("export", trained_run, "--format", "hf", "--out", tmp_path / "hf")
+    assert code == 0, out
+    experiment = trained_run.parent / "hftiny.yaml"
+    args = ["--lengths", "1x,2x", "--max-windows", "6"]
+    assert invoke("eval", trained_run, *args, "--out", tmp_path / "run.json")[0] == 0
+    code, out = invoke("eval", tmp_path / "hf", *args, "--data", experiment)
+    assert code == 0, out
+    ours = json.loads((tmp_path / "run.json").read_text())["results"]
+    theirs = json.loads((tmp_path / "hf" / "eval.json").read_text())["results"]
+    for length in ("1x", "2x"):
+        for method in ("nonoverlapping", "strided"):
+            assert theirs[length][method]["tokens"] == ours[length][method]["tokens"]
+            assert theirs[length][method]["ppl"] == pytest.approx(
+                ours[length][method]["ppl"], rel=1e-5
+            )
+    code, out = invoke("eval", tmp_path / "hf", *args)
+    assert code == 1 and "name the data to score with --data EXPERIMENT.yaml" in out

@@ -76,6 +76,14 @@ if TYPE_CHECKING:
     "runs). Only for runs you trust; built-in and installed plugins need no flag.",
 )
 @click.option(
+    "--data",
+    "data_experiment",
+    type=click.Path(dir_okay=False, exists=True, path_type=Path),
+    help="For a transformers directory (exported, or built by transformers with the same "
+    "structure): the experiment YAML whose validation split is scored, tokenized with the "
+    "model's own tokenizer.",
+)
+@click.option(
     "--plugin",
     "plugin_modules",
     multiple=True,
@@ -127,6 +135,7 @@ def eval_command(
     attention_backend: str | None,
     trust_plugins: bool,
     plugin_modules: tuple[str, ...],
+    data_experiment: Path | None,
     passkey: bool,
     depths: str | None,
     trials: int | None,
@@ -162,6 +171,7 @@ def eval_command(
       ropelm-exp eval runs/quickstart --passkey --lengths 2x --depths 0,0.5,1 --trials 20
     """
     from ropelm.checkpoint import checkpoint_registry
+    from ropelm.config import load_experiment
     from ropelm.eval_run import evaluate_run, format_eval_table, run_root
     from ropelm.perplexity import METHODS
     from ropelm.variants import parse_att_options
@@ -185,6 +195,7 @@ def eval_command(
         out=out_file,
         passkey=settings,
         progress=settings is not None,
+        data=load_experiment(data_experiment) if data_experiment is not None else None,
     )
     if settings is not None:
         from ropelm.passkey_report import format_passkey_table
