@@ -53,22 +53,34 @@ def atomic_path(target: str | Path) -> Iterator[Path]:
         raise
 
 
-def storage_error(target: Path, err: BaseException) -> StorageError:
-    """One sentence for a write the operating system refused."""
+def storage_reason(err: BaseException) -> str:
+    """Why the operating system refused a write, in a few words (the disk is full, ...)."""
     if isinstance(err, StorageError):
-        return err
+        return err.reason
     code = getattr(err, "errno", None)
-    reason = {
+    if code is None and "No space left" in str(err):  # safetensors' errors carry no errno
+        code = errno.ENOSPC
+    return {
         errno.ENOSPC: "the disk is full",
         errno.EDQUOT: "the disk quota is exceeded",
         errno.EFBIG: "the file-size limit (ulimit -f) is reached",
         errno.EROFS: "the file system is read-only",
         errno.EACCES: "permission is denied",
         errno.EPERM: "permission is denied",
-    }.get(code, getattr(err, "strerror", None) or str(err).splitlines()[0])
+    }.get(
+        code, getattr(err, "strerror", None) or str(err).splitlines()[0].removeprefix("[Errno 5] ")
+    )
+
+
+def storage_error(target: Path, err: BaseException) -> StorageError:
+    """One sentence for a write the operating system refused."""
+    if isinstance(err, StorageError):
+        return err
+    reason = storage_reason(err)
     return StorageError(
         f"Could not write {target}: {reason}; free space or choose a writable place and run "
-        "again (nothing written before was changed)."
+        "again (nothing written before was changed).",
+        reason=reason,
     )
 
 

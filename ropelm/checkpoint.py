@@ -34,7 +34,14 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from ropelm.atomic import atomic_write_json, file_sha256, fsync_dir, fsync_file, json_text
+from ropelm.atomic import (
+    atomic_write_json,
+    file_sha256,
+    fsync_dir,
+    fsync_file,
+    json_text,
+    storage_reason,
+)
 from ropelm.config import ModelConfig
 from ropelm.errors import CheckpointError, RopelmError
 from ropelm.hf_import import is_hf_dir, read_hf_model
@@ -127,15 +134,9 @@ def save_checkpoint(
                 {"dir": name, "step": step, "val_loss": val_loss},
             )
     except (OSError, SafetensorError) as err:
-        full = getattr(err, "errno", None) in (errno.ENOSPC, errno.EDQUOT)
-        limit = getattr(err, "errno", None) == errno.EFBIG
-        reason = (
-            "the disk is full" if full or "No space left" in str(err)
-            else "the file-size limit (ulimit -f) is reached" if limit
-            else str(err).removeprefix("[Errno 5] ")
-        )  # fmt: skip
         raise CheckpointError(
-            f"Could not save the checkpoint of step {step} in {checkpoints_dir} ({reason}); "
+            f"Could not save the checkpoint of step {step} in {checkpoints_dir} "
+            f"({storage_reason(err)}); "
             "free some space and resume with --resume, the previous checkpoints are intact."
         ) from err
     _remove_unreferenced(checkpoints_dir)
@@ -234,13 +235,24 @@ def read_model_config(directory: Path) -> tuple[ModelConfig, list[str]]:
         ) from None
 
 
-def load_weights(model: torch.nn.Module, directory: Path, device: torch.device | str) -> None:
-    """Load ``model.safetensors`` into ``model``; a shape or key mismatch is one sentence."""
-    try:
-        state = load_file(str(directory / WEIGHTS), device=str(device))
-    except (SafetensorError, OSError) as err:
-        raise CheckpointError(f"Cannot read weights from {directory / WEIGHTS} ({err}).") from None
-    result = _load_state(model, state)
+def load_weights(
+    model: torch.nn.Module,
+    directory: Path,
+    device: torch.device | str,
+    state: dict[str, torch.Tensor] | None = None,
+) -> None:
+    """Load a checkpoint's ``model.safetensors`` (or a transformers directory's weights, or
+    ``state`` read from it already) into ``model``; a shape or key mismatch is one sentence."""
+    if state is None and is_hf_dir(directory):
+        state = read_hf_model(directory)[1]
+    if state is None:
+        try:
+            state = load_file(str(directory / WEIGHTS), device=str(device))
+        except (SafetensorError, OSError) as err:
+            raise CheckpointError(
+                f"Cannot read weights from {directory / WEIGHTS} ({err})."
+            ) from None
+    result = _load_state(model, {k: v.to(device) for k, v in state.items()})
     if result:
         raise CheckpointError(f"Checkpoint {directory} does not match the model: {result}.")
 
@@ -336,10 +348,7 @@ def load_model(
     attention = registry.resolve(model_config)
     with torch.device(device):  # built where it runs: the weights cross to the device once
         model = TransformerLM(model_config, attention)
-    if state is None:
-        load_weights(model, directory, device)
-    elif result := _load_state(model, {k: v.to(device) for k, v in state.items()}):
-        raise CheckpointError(f"{directory} does not match its config.json: {result}.")
+    load_weights(model, directory, device, state)
     return model.eval()
 
 

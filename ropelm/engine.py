@@ -444,7 +444,8 @@ class Trainer:
         the RNG states of all ranks go in, and under FSDP every rank writes its shards)."""
         checkpoints, step = self.run_dir.checkpoints, self.state.step
         written = checkpoint_complete(checkpoints, step)
-        weights = {} if written else full_state_dict(self.model)
+        collect = not written and (self.sharded or self.dist.is_main)  # FSDP: a collective
+        weights = full_state_dict(self.model) if collect else {}
         rng = self.dist.gather_to_main(rng_state(self.device))
         if self.sharded and not written:
             if self.dist.is_main:

@@ -45,7 +45,15 @@ class CheckpointError(RopelmError):
 
 
 class StorageError(RopelmError, OSError):
-    """A file could not be written (full disk, file-size limit, read-only directory)."""
+    """A file could not be written (full disk, file-size limit, read-only directory).
+
+    ``reason`` is the cause in a few words ("the disk is full"), for callers that word
+    their own sentence around it.
+    """
+
+    def __init__(self, message: str, *, reason: str = "") -> None:
+        super().__init__(message)
+        self.reason = reason or message
 
 
 def closest(word: str, candidates: Iterable[str]) -> str | None:

@@ -464,10 +464,7 @@ class _ModelCache:
         if self._model is None or self._key != key:
             self._model = None  # free the previous model before building the next one
             model = TransformerLM(config, self.resolved[key])
-            if is_hf_dir(self.checkpoint):
-                model.load_state_dict(read_hf_model(self.checkpoint)[1])
-            else:
-                load_weights(model, self.checkpoint, self.device)
+            load_weights(model, self.checkpoint, self.device)
             self._key, self._model = key, model.to(self.device).eval()
         return self._model
 

@@ -29,8 +29,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from ropelm.config import ExperimentConfig, apply_overrides, validate
 from ropelm.errors import ConfigError
 from ropelm.rope_scaling import OPTION_APPLIES_TO, SCALING_KINDS
@@ -156,21 +154,6 @@ def extension_name(parent_run: Path, method: ExtensionMethod, block_size: int) -
     return f"{Path(parent_run).resolve().name}-extend-{method.label}-{block_size}"
 
 
-def read_run_config(run_dir: Path) -> ExperimentConfig:
-    """The validated ``config.yaml`` of a run directory; a missing or bad one is one sentence."""
-    path = Path(run_dir) / "config.yaml"
-    try:
-        raw = yaml.safe_load(path.read_text())
-    except OSError:
-        raise ConfigError(
-            f"{run_dir} is not a run directory (no readable config.yaml); give the folder that "
-            "`ropelm-exp run` wrote."
-        ) from None
-    except yaml.YAMLError as err:
-        raise ConfigError(f"{path} is not valid YAML ({err}).") from None
-    return validate(raw if isinstance(raw, dict) else {})
-
-
 def check_extensible(parent: ExperimentConfig, child: ExperimentConfig, registry: Any) -> None:
     """Refuse, in one sentence, a method the variant lacks or weights that cannot grow.
 
@@ -233,8 +216,9 @@ def plan_extension(
     """
     from ropelm.checkpoint import checkpoint_registry, resolve_checkpoint
     from ropelm.experiment import Experiment
+    from ropelm.runs import RunDir
 
-    parent = read_run_config(parent_run)
+    parent = validate(RunDir(parent_run).read_config())
     resolve_checkpoint(Path(parent_run), "best")  # a run still training has none: say so now
     registry = checkpoint_registry(parent_run, trust_plugins=trust_plugins, plugins=plugins)
     child = extension_config(

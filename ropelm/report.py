@@ -159,8 +159,9 @@ def load_run(path: Path) -> RunRecord:
         seed = (config.get("train") or {}).get("seed", 0)
         block_size = (config.get("model") or {}).get("block_size")
         extension = (config.get("init") or {}).get("method")
-    record = RunRecord(path, summary, seed, block_size, RunDir(path).read_metrics())
-    record.extension = extension
+    record = RunRecord(
+        path, summary, seed, block_size, RunDir(path).read_metrics(), extension=extension
+    )
     # eval.json (the model as trained) first, then the evaluations with other att_options
     for eval_path in sorted(path.glob("eval*.json"), key=lambda p: (p.name != "eval.json", p.name)):
         try:

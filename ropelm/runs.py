@@ -142,7 +142,8 @@ class RunDir:
             changes = _differences(saved, new)
             fixed = [path for path in changes if path not in RESUMABLE]
             if fixed or (changes and not resume):
-                difference = _first_difference(saved, new)
+                where = min(fixed) if fixed else min(changes)  # name what blocks the resume
+                difference = f"{where}: {changes[where][0]!r} there, {changes[where][1]!r} now"
                 allowed = " (a resume may change only " + ", ".join(RESUMABLE) + ")"
                 raise ConfigError(
                     f"{self.path} already holds a different experiment ({difference})"
@@ -181,7 +182,10 @@ class RunDir:
     def read_config(self) -> dict[str, Any]:
         if not self.config_path.is_file():
             raise ConfigError(f"{self.path} is not a run directory (no config.yaml).")
-        return yaml.safe_load(self.config_path.read_text()) or {}
+        try:
+            return yaml.safe_load(self.config_path.read_text()) or {}
+        except yaml.YAMLError as err:
+            raise ConfigError(f"{self.config_path} is not valid YAML ({err}).") from None
 
     def append_metrics(self, row: dict[str, Any]) -> None:
         try:
@@ -230,17 +234,19 @@ def environment(registry: Registry, device: torch.device) -> dict[str, Any]:
     }
 
 
-def _with_defaults(saved: Any, defaults: Any = None) -> Any:
+def _with_defaults(saved: dict[str, Any]) -> dict[str, Any]:
     """``saved`` with the settings it lacks at their defaults.
 
     A run written before a setting existed holds no value for it; it is the
     same experiment when the new setting is at its default (so it still resumes).
     """
-    if defaults is None:
-        defaults = yaml.safe_load(to_yaml(ExperimentConfig()))
+    return _merge(saved, yaml.safe_load(to_yaml(ExperimentConfig())))
+
+
+def _merge(saved: Any, defaults: Any) -> Any:
     if not (isinstance(saved, dict) and isinstance(defaults, dict)):
         return saved
-    merged = {key: _with_defaults(value, defaults.get(key)) for key, value in saved.items()}
+    merged = {key: _merge(value, defaults.get(key)) for key, value in saved.items()}
     return {key: value for key, value in defaults.items() if key not in saved} | merged
 
 
@@ -253,16 +259,3 @@ def _differences(saved: Any, new: Any, path: str = "") -> dict[str, tuple[Any, A
             found |= _differences(saved.get(key), new.get(key), where)
         return found
     return {} if saved == new else {path: (saved, new)}
-
-
-def _first_difference(saved: Any, new: Any, path: str = "") -> str:
-    if isinstance(saved, dict) and isinstance(new, dict):
-        for key in sorted(set(saved) | set(new), key=str):
-            where = f"{path}.{key}" if path else str(key)
-            if key not in saved or key not in new:
-                return f"{where} is only in one of them"
-            found = _first_difference(saved[key], new[key], where)
-            if found:
-                return found
-        return ""
-    return "" if saved == new else f"{path}: {saved!r} there, {new!r} now"

@@ -300,7 +300,9 @@ def _run_all(
         try:
             _train_one(run, where, progress, log)
             if evaluate:
-                _evaluate_one(run, base, eval_lengths, max_windows, max_tokens, progress, log)
+                _evaluate_one(
+                    run, base, eval_lengths, max_windows, max_tokens, progress, log, where
+                )
         except (TrainingInterrupted, KeyboardInterrupt):
             _stop(run, runs, sweep_dir, save_manifest)
         except RopelmError as err:  # training failed: the next run goes on
@@ -335,6 +337,7 @@ def _evaluate_one(
     max_tokens: int | None,
     progress: bool,
     log: Callable[[str], None],
+    where: str,
 ) -> None:
     """Evaluate a trained run at ``lengths`` unless its eval.json already has them."""
     from ropelm.eval_run import evaluate_run
@@ -350,7 +353,7 @@ def _evaluate_one(
         run.evaluated = "yes"
     except RopelmError as err:
         run.evaluated, run.error = "failed", str(err)
-        log(f"{run.title}: evaluation failed: {err}")
+        log(f"{where}: evaluation failed: {err}")
 
 
 def _write_comparison(runs: list[PlannedRun], sweep_dir: Path, log: Callable[[str], None]) -> None:

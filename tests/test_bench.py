@@ -73,7 +73,10 @@ def test_cpu_peak_memory_counts_live_allocations_of_the_step():
 
 
 def test_bench_rows_ratios_memory_and_mfu(registry):
-    variants = [VariantChoice("RoPE-SM"), VariantChoice("NoPE"), VariantChoice("Learned-APE")]
+    variants = [
+        VariantChoice("RoPE-SM"), VariantChoice("NoPE"), VariantChoice("Learned-APE"),
+        VariantChoice("ALiBi"),
+    ]  # fmt: skip
     bench = bench_variants(
         variants, [32, 16], registry, model=TINY, batch_size=2, rounds=2, warmup=1, peak_tflops=1.0,
         log=lambda m: None,
@@ -93,6 +96,9 @@ def test_bench_rows_ratios_memory_and_mfu(registry):
         flops = flops_per_token(TINY, matmul_params(model), row["T"], backward=True)
         assert row["flops_per_token_fwd_bwd"] == flops
         assert row["mfu"] == pytest.approx(row["fwd_bwd_tokens_per_s"] * flops / 1e12)
+    backends = {(r["variant"], r["fwd_backend"], r["fwd_bwd_backend"]) for r in rows}
+    assert ("RoPE-SM", "sdpa", "sdpa") in backends  # rows record the kernel auto chose:
+    assert ("ALiBi", "dense", "dense") in backends  # a score_mod on the CPU runs dense
     reference = [r for r in rows if r["variant"] == "RoPE-SM"]
     assert all(r["fwd_bwd_ratio_vs_ref"] == 1.0 == r["fwd_ratio_vs_ref"] for r in reference)
 

@@ -182,3 +182,27 @@ def test_a_plugin_the_user_names_serves_the_checkpoint_without_trusting_it(
         main, ["eval", str(run_dir), "--lengths", "1x", "--plugin", str(own)]
     )
     assert "--trust-plugins" not in result.output
+    assert result.exit_code == 1 and "No tokenizer" in result.output  # past the plugin check
+
+
+def test_a_full_disk_while_pointing_at_the_checkpoint_is_one_sentence(
+    tmp_path, monkeypatch, assert_one_sentence
+):
+    """ENOSPC on last.json / best.json (written atomically) names the cause once, not a
+    sentence nested inside another."""
+    import errno
+
+    import ropelm.atomic
+
+    model = TransformerLM.from_config(CONFIG)
+    kw = dict(weights=model.state_dict(), model_config=CONFIG, plugins=[], trainer_state={},
+              tokenizer_path=None, pointers=("last",))  # fmt: skip
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(ropelm.atomic.os, "replace", full)
+    with pytest.raises(CheckpointError, match=r"step 1 in .* \(the disk is full\); free") as info:
+        save_checkpoint(tmp_path / "checkpoints", step=1, val_loss=1.0, **kw)
+    assert_one_sentence(str(info.value))
+    assert "Could not write" not in str(info.value)

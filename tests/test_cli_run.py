@@ -85,11 +85,14 @@ def test_threads_option_sets_torch_threads_for_training(tmp_path):
 
     code = (
         "import torch, os\n"
-        "from ropelm.distributed import apply_cpu_threads, set_cpu_threads\n"
+        "from click.testing import CliRunner\n"
+        "from ropelm.cli import main\n"
+        "from ropelm.distributed import apply_cpu_threads\n"
         "apply_cpu_threads(3); a = torch.get_num_threads()\n"
-        "set_cpu_threads(1); apply_cpu_threads(3); b = torch.get_num_threads()\n"
+        f"CliRunner().invoke(main, ['run', {str(tmp_path / 'none.yaml')!r}, '--threads', '1'])\n"
+        "apply_cpu_threads(3); b = torch.get_num_threads()\n"
         "print(a, b, os.environ['ROPELM_THREADS'])\n"
     )
     env = {k: v for k, v in __import__("os").environ.items() if k != "ROPELM_THREADS"}
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
-    assert out.stdout.split() == ["3", "1", "1"]  # train.threads applies; --threads wins
+    assert out.stdout.split() == ["3", "1", "1"], out.stderr  # train.threads; --threads wins

