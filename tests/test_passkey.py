@@ -446,19 +446,35 @@ def test_cli_compare_writes_the_passkey_csv_and_heatmap(sweep, tmp_path):
 # -- the harness can succeed: a model trained on passkey prompts passes, an untrained one not --
 
 TRAIN_BLOCK = 64  # "1x": prompts of 54 tokens (17 of them filler), answers inside the block
+SHORTEST_PROMPT = 38  # a curriculum: the longest training prompt grows from 38 to 54 tokens
+INTRO = KEY_TEMPLATE.split(" {key}")[0]  # "\nThe pass key is", before the key's first copy
 
 
-def passkey_batch(builder: PromptBuilder, rng: random.Random, size: int):
-    """``size`` training sequences: a 1x prompt (random key and depth) then " NNNNN.", with
-    the loss on the answer tokens only (targets -100 elsewhere and on the right padding)."""
-    rows = []
-    for _ in range(size):
-        key = 10_000 + int(rng.random() * 90_000)
-        prompt = builder.build(key, TRAIN_BLOCK - ANSWER_TOKENS, rng.random())
-        answer = builder.tokenizer.encode(f" {key}.").ids
-        sequence = prompt.ids + answer
-        targets = [-100] * (len(prompt.ids) - 1) + answer
-        rows.append((sequence[:-1], targets))
+def passkey_example(
+    builder: PromptBuilder, rng: random.Random, longest: int
+) -> tuple[list[int], list[int]]:
+    """One training sequence and its targets: a prompt (random key, depth, and length up to
+    ``longest``) then
+    " NNNNN.", the loss on what can be copied from context: the key sentence but for the
+    key's first occurrence (random digits), and the answer. Targets are -100 elsewhere."""
+    key = 10_000 + int(rng.random() * 90_000)
+    length = rng.randint(SHORTEST_PROMPT, longest)
+    prompt = builder.build(key, length, rng.random())
+    encode = builder.tokenizer.encode
+    sentence, intro, digits = (builder.key_ids(key), encode(INTRO).ids, encode(f" {key}").ids)
+    assert sentence[: len(intro) + len(digits)] == intro + digits  # BPE keeps the pieces
+    first_key = range(prompt.key_start + len(intro), prompt.key_start + len(intro) + len(digits))
+    sentence_span = range(prompt.key_start + 1, prompt.key_start + len(sentence))
+    sequence = prompt.ids + encode(f" {key}.").ids
+    copyable = [(i in sentence_span and i not in first_key) or i >= len(prompt.ids)
+                for i in range(1, len(sequence))]  # fmt: skip
+    targets = [t if keep else -100 for t, keep in zip(sequence[1:], copyable, strict=True)]
+    return sequence[:-1], targets
+
+
+def passkey_batch(builder: PromptBuilder, rng: random.Random, size: int, longest: int):
+    """``size`` training examples, right-padded (input 1, target -100)."""
+    rows = [passkey_example(builder, rng, longest) for _ in range(size)]
     width = max(len(x) for x, _ in rows)
     x = torch.tensor([ids + [1] * (width - len(ids)) for ids, _ in rows])  # (B, T) pad: 1
     y = torch.tensor([t + [-100] * (width - len(t)) for _, t in rows])  # (B, T)
@@ -466,7 +482,7 @@ def passkey_batch(builder: PromptBuilder, rng: random.Random, size: int):
 
 
 def train_on_passkeys(model: TransformerLM, builder: PromptBuilder, steps: int) -> float:
-    """Plain AdamW with warmup and cosine decay; returns the last loss."""
+    """Plain AdamW with warmup and cosine decay to a tenth; returns the last loss."""
     optimizer = torch.optim.AdamW(model.parameters(), lr=TRAIN_LR, weight_decay=0.0)
     rng = random.Random(1)  # training keys: another stream than the evaluation's seed 0
     model.train()
@@ -474,7 +490,9 @@ def train_on_passkeys(model: TransformerLM, builder: PromptBuilder, steps: int) 
         lr = TRAIN_LR * min(1.0, (step + 1) / 30) * (0.55 + 0.45 * math.cos(math.pi * step / steps))
         for group in optimizer.param_groups:
             group["lr"] = lr
-        x, y = passkey_batch(builder, rng, TRAIN_BATCH)
+        growth = min(1.0, 2 * step / steps)  # full-length prompts from half-way
+        longest = SHORTEST_PROMPT + int(growth * (TRAIN_BLOCK - ANSWER_TOKENS - SHORTEST_PROMPT))
+        x, y = passkey_batch(builder, rng, TRAIN_BATCH, longest)
         _, loss = model(x, y)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -495,25 +513,32 @@ def count_correct_naively(model: TransformerLM, builder: PromptBuilder, keys, de
     return correct
 
 
-TRAIN_STEPS, TRAIN_BATCH, TRAIN_LR = 400, 32, 3e-3
+TRAIN_STEPS, TRAIN_BATCH, TRAIN_LR = 2000, 16, 3e-3
 
 
 @pytest.mark.slow
 def test_a_model_trained_on_passkeys_retrieves_them_and_an_untrained_one_does_not(registry):
     """The harness can tell a model that retrieves keys from one that cannot.
 
-    A 2-layer RoPE-SM model (n_embd 128) with tied input and output embeddings (copying a
-    token is then the identity map the induction head needs) trains with plain AdamW on
-    1x passkey prompts at random depths, the loss on the answer only. Untrained it scores
-    0; after 400 steps of 32 prompts (about 40 s) it retrieves about a third of the keys at
-    every depth, four orders of magnitude above chance. (Keys with a repeated digit need a
-    two-token match to copy; 90 % took a 3-layer model 1000 steps of 16 prompts, ~2 min.)
+    A 2-layer RoPE-SM model (n_embd 64) with tied input and output embeddings (copying a
+    token is then the identity map an induction head needs) trains with plain AdamW on
+    passkey prompts at random depths, the loss on what context determines (the key's
+    second copy in its sentence, and the answer), the prompts growing from 38 to 54
+    tokens in the first half. Untrained it scores 0; after 2000 steps of 16 prompts
+    (about 40 s on one thread) it retrieves every key at 1x.
+
+    What made the difference: most keys have a repeated digit (" 8", "5", "9", "9", "7"),
+    which a one-token induction head cannot copy (it needs the two tokens before each
+    digit). With the answer as the only loss and 400 steps of 32 the model stopped at a
+    third of the keys; with twice the copy signal per prompt, smaller steps and the
+    curriculum, each of 8 torch seeds tried reached 99-100 % (without the curriculum one seed
+    in 7 stalled at 85 %; answer-only loss at 54 tokens: 0-100 % by seed).
     """
     torch.manual_seed(0)
     tokenizer = passkey_tokenizer()
     builder = PromptBuilder(tokenizer)
     config = ModelConfig(block_size=TRAIN_BLOCK, vocab_size=tokenizer.get_vocab_size(),
-                         n_layer=2, n_head=4, n_embd=128, dropout=0.0,
+                         n_layer=2, n_head=4, n_embd=64, dropout=0.0,
                          att_type="RoPE-SM")  # fmt: skip
     model = TransformerLM(config, registry.resolve(config))
     model.lm_head.weight = model.tok_emb.weight  # tied embeddings
@@ -526,8 +551,8 @@ def test_a_model_trained_on_passkeys_retrieves_them_and_an_untrained_one_does_no
     loss = train_on_passkeys(model, builder, TRAIN_STEPS)
     trained = runner.run({"1x": TRAIN_BLOCK}, lambda _: model)["results"]["1x"]
     print(f"loss {loss:.3f}, accuracy per depth {trained['accuracy']}")
-    assert trained["mean_accuracy"] >= 0.25, trained  # 0.32 with these seeds (deterministic)
-    assert min(trained["accuracy"]) >= 0.1, trained  # at every depth, not only near the end
+    assert trained["mean_accuracy"] >= 0.9, trained  # 1.0 with these seeds (deterministic)
+    assert min(trained["accuracy"]) >= 0.8, trained  # at every depth, not only near the end
     # the batched, cached runner counts what a naive loop and a regex count
     keys = draw_keys(settings.trials, settings.seed)
     assert trained["correct"][2] == count_correct_naively(model, builder, keys, 0.5)
