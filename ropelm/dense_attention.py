@@ -49,9 +49,10 @@ class DenseRun:
     ``kv_start + i * size`` .. ``+ span``, all with the same mask and bias.
 
     ``allowed`` (1, nh, size, span) bool is causality and the variant's mask;
-    ``bias`` (1, nh, size, span) float32 the variant's score_mod as a bias (None
-    without one); ``attn_mask`` the two as SDPA takes them (the bias with -inf
-    where not allowed, in the queries' dtype, or ``allowed`` without a bias).
+    ``attn_mask`` the mask and the variant's score_mod as SDPA takes them (the
+    bias with -inf where not allowed, in the queries' dtype, or ``allowed`` itself
+    without a score_mod); ``bias`` (1, nh, size, span) float32 is the score_mod
+    alone, kept only for a soft-cap, which applies it before capping (else None).
     """
 
     q_start: int
@@ -78,10 +79,22 @@ class DenseRun:
             return False
         if other.kv_start != self.kv_start + self.size * self.count:
             return False
-        same_bias = (self.bias is None) == (other.bias is None) and (
-            self.bias is None or torch.equal(self.bias, other.bias)
+        return self.same_tensors(other)
+
+    @property
+    def has_bias(self) -> bool:
+        """Whether a score_mod adds to the scores (the mask is then a float bias)."""
+        return self.attn_mask.dtype != torch.bool
+
+    def same_tensors(self, other: DenseRun) -> bool:
+        """Whether ``other`` holds the same mask and bias (its shape may differ)."""
+        if (self.bias is None) != (other.bias is None) or self.has_bias != other.has_bias:
+            return False
+        if self.bias is not None and not torch.equal(self.bias, other.bias):
+            return False
+        return torch.equal(self.allowed, other.allowed) and torch.equal(
+            self.attn_mask, other.attn_mask
         )
-        return same_bias and torch.equal(self.allowed, other.allowed)
 
     def windows(self, x: torch.Tensor, keys: bool) -> torch.Tensor:
         """The run's queries or keys of x (B, H, T, hs), stacked: (B count, H, size|span, hs)."""
@@ -135,6 +148,8 @@ def dense_runs(
         attn_mask = allowed
         if bias is not None:
             attn_mask = bias.to(dtype).masked_fill(~allowed, float("-inf"))
+        if functions.softcap is None:
+            bias = None  # in attn_mask already: no second copy
         run = DenseRun(q_start, q_end - q_start, 1, lo, hi - lo, allowed, bias, attn_mask)
         if runs and runs[-1].extends(run):
             runs[-1] = DenseRun(**{**runs[-1].__dict__, "count": runs[-1].count + 1})
@@ -143,18 +158,71 @@ def dense_runs(
     return runs
 
 
+class DensePlans:
+    """The materialized runs of every layer of one model, each distinct plan held once.
+
+    ALiBi, a sliding window or any variant whose functions do not depend on the
+    layer gives every layer the same tensors: 12 copies at nh 12 and T 1024 would
+    be 0.4 GiB, one is 33 MiB. A layer's new plan is checked against the plans the
+    other layers hold now for the same call (equal tensors, not equal functions: a
+    plugin may well make each layer different) and shares theirs when equal. Each
+    layer keeps only its latest plan, so memory is bounded by the distinct plans
+    in use.
+    """
+
+    def __init__(self) -> None:
+        self._latest: dict[object, tuple[tuple[Any, ...], list[DenseRun]]] = {}
+
+    def get(self, owner: object, key: tuple[Any, ...]) -> list[DenseRun] | None:
+        """The plan ``owner`` made last, if it was made for ``key``."""
+        latest = self._latest.get(owner)
+        return latest[1] if latest is not None and latest[0] == key else None
+
+    def keep(self, owner: object, key: tuple[Any, ...], runs: list[DenseRun]) -> list[DenseRun]:
+        """Remember ``runs`` as ``owner``'s plan for ``key``; an equal plan another owner
+        holds for the same call (``key`` but its parameter versions) is returned instead."""
+        self._latest.pop(owner, None)  # the old plan can be freed before the comparison
+        call = key[:-1]
+        for other_key, other_runs in self._latest.values():
+            if other_key[:-1] == call and _same_plan(other_runs, runs):
+                runs = other_runs
+                break
+        self._latest[owner] = (key, runs)
+        return runs
+
+    def forget(self, owner: object) -> None:
+        """Drop ``owner``'s plan (it needed a gradient: nothing to reuse)."""
+        self._latest.pop(owner, None)
+
+    def __len__(self) -> int:
+        """Distinct plans held."""
+        return len({id(runs) for _, runs in self._latest.values()})
+
+
+def _same_plan(a: list[DenseRun], b: list[DenseRun]) -> bool:
+    return len(a) == len(b) and all(
+        (x.q_start, x.size, x.count, x.kv_start, x.span)
+        == (y.q_start, y.size, y.count, y.kv_start, y.span)
+        and x.same_tensors(y)
+        for x, y in zip(a, b, strict=True)
+    )
+
+
 class DenseAttention:
     """The ``dense`` backend of one layer.
 
     The runs are cached for the latest (length, offset, device, dtype, chunk) as long
     as they cannot change: no parameter of the score_mod needs a gradient (a learned
     bias is recomputed in every training forward, with its autograd graph), and
-    the parameters are at the versions the bias was made from.
+    the parameters are at the versions the bias was made from. The cache is a
+    :class:`DensePlans` the model's layers share (``SelfAttention.share_dense_plans``), or the
+    layer's own.
     """
 
-    def __init__(self, n_head: int) -> None:
+    def __init__(self, n_head: int, plans: DensePlans | None = None) -> None:
         self.n_head = n_head
-        self._cached: tuple[Any, list[DenseRun]] | None = None
+        self.plans = DensePlans() if plans is None else plans
+        self._owner = object()  # its key in the shared plans (an id could be reused)
 
     def __call__(
         self,
@@ -181,7 +249,7 @@ class DenseAttention:
             if document_ids is not None:  # (B m, 1, size, span)
                 same = run.same_document(document_ids)
                 allowed = allowed & same
-                mask = allowed if run.bias is None else mask.masked_fill(~same, -math.inf)
+                mask = mask.masked_fill(~same, -math.inf) if run.has_bias else allowed
             if functions.softcap is not None:
                 y = _capped_attention(
                     q_r, k_r, v_r, run.bias, allowed, functions.softcap, dropout_p
@@ -210,11 +278,15 @@ class DenseAttention:
         params = list(_parameters(functions.score_mod))
         cacheable = not (torch.is_grad_enabled() and any(p.requires_grad for p in params))
         key = (T, L, start, device, dtype, chunk, tuple((id(p), p._version) for p in params))
-        if cacheable and self._cached is not None and self._cached[0] == key:
-            return self._cached[1]
+        owner = self._owner
+        if not cacheable:
+            self.plans.forget(owner)
+            return dense_runs(functions, self.n_head, start, T, L, device, dtype, chunk)
+        cached = self.plans.get(owner, key)
+        if cached is not None:
+            return cached
         runs = dense_runs(functions, self.n_head, start, T, L, device, dtype, chunk)
-        self._cached = (key, runs) if cacheable else None
-        return runs
+        return self.plans.keep(owner, key, runs)
 
 
 def _parameters(score_mod: Any) -> Iterator[torch.nn.Parameter]:

@@ -20,6 +20,8 @@ from torch.utils.checkpoint import checkpoint
 
 from ropelm.attention import AttentionSpec, ResolvedAttention
 from ropelm.config import ModelConfig
+from ropelm.dense_attention import DensePlans
+from ropelm.self_attention import SelfAttention
 
 if TYPE_CHECKING:
     from ropelm.registry import Registry
@@ -93,6 +95,10 @@ class TransformerLM(nn.Module):
         self.blocks = nn.ModuleList(
             Block(config, attention.build_layer(config)) for _ in range(config.n_layer)
         )
+        plans = DensePlans()  # the dense backend's masks and biases: layers share equal ones
+        for module in self.blocks.modules():
+            if isinstance(module, SelfAttention):
+                module.share_dense_plans(plans)
         self.ln_f = nn.LayerNorm(config.n_embd, bias=config.bias)
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=config.bias)
         self.apply(self._init_weights)

@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from ropelm.config import ModelConfig
-from ropelm.dense_attention import DenseAttention
+from ropelm.dense_attention import DenseAttention, DensePlans
 from ropelm.errors import ConfigError
 from ropelm.kernels import FlexAttention, ScoreFunctions, choose_backend, sdpa_attention
 from ropelm.masks import MaskMod, ScoreMod
@@ -120,6 +120,11 @@ class SelfAttention(nn.Module):
         self._dense = DenseAttention(config.n_head)
         self._flex_failed = False
         self.last_backend: str | None = None  # the backend of the latest forward pass
+
+    def share_dense_plans(self, plans: DensePlans) -> None:
+        """Keep the dense backend's materialized runs in ``plans``, which the model's other
+        layers share (one copy of equal masks and biases)."""
+        self._dense.plans = plans
 
     @property
     def gqa(self) -> bool:

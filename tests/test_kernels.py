@@ -9,9 +9,10 @@ import pytest
 import torch
 
 from ropelm import ConfigError, ModelConfig, Registry, SelfAttention
-from ropelm.dense_attention import dense_runs
+from ropelm.dense_attention import QUERY_CHUNK, dense_runs
 from ropelm.kernels import ScoreFunctions, choose_backend
 from ropelm.masks import sliding_window
+from ropelm.model import TransformerLM
 from ropelm.testing import naive_attention
 
 CPU, GPU = torch.device("cpu"), torch.device("cuda")  # only device.type is read
@@ -93,23 +94,57 @@ def layer(registry: Registry, att_type: str, backend: str = "auto", **options) -
     return registry.resolve(config).build_layer(config).eval()
 
 
+def plan_of(attn: SelfAttention, T: int, dtype: torch.dtype = torch.float32):
+    """The runs the layer's dense backend keeps for a no-grad call at length T."""
+    dense = attn._dense
+    score_mod = attn.score_mod
+    params = list(score_mod.parameters()) if isinstance(score_mod, torch.nn.Module) else []
+    key = (T, T, 0, CPU, dtype, QUERY_CHUNK, tuple((id(p), p._version) for p in params))
+    return dense.plans.get(dense._owner, key)
+
+
 def test_a_static_bias_is_materialized_once_a_learned_one_every_training_step(registry):
     alibi, t5 = layer(registry, "ALiBi", "dense"), layer(registry, "T5-Bias", "dense")
     x = torch.randn(1, 32, 32)
     with torch.no_grad():
         alibi(x)
-        first = alibi._dense._cached[1]
+        first = plan_of(alibi, 32)
         alibi(x)
-        assert alibi._dense._cached[1] is first  # same length: reused
+        assert first is not None and plan_of(alibi, 32) is first  # same length: reused
     t5.train()
     t5(x).sum().backward()
-    assert t5._dense._cached is None  # needed its gradient: not kept
+    assert len(t5._dense.plans) == 0  # needed its gradient: not kept
     with torch.no_grad():
         t5.eval()(x)
-        kept = t5._dense._cached[1]
+        kept = plan_of(t5, 32)
+        assert kept is not None
         t5.score_mod.table.add_(1.0)  # an optimizer step changes the table's version
         t5(x)
-        assert t5._dense._cached[1] is not kept
+        assert plan_of(t5, 32) is not None and plan_of(t5, 32) is not kept
+
+
+@pytest.mark.parametrize(("att_type", "distinct"), [("ALiBi", 1), ("T5-Bias", 3)])
+def test_layers_with_equal_masks_and_biases_share_one_copy(registry, att_type, distinct):
+    """ALiBi gives every layer the same bias: one plan for the model. T5's tables are
+    per layer (random at initialization): one plan per layer, until two are made equal."""
+    torch.manual_seed(0)
+    config = ModelConfig(block_size=32, n_layer=3, n_head=4, n_embd=32, vocab_size=64,
+                         dropout=0.0, att_type=att_type, attention_backend="dense")  # fmt: skip
+    model = TransformerLM(config, registry.resolve(config)).eval()
+    layers = [block.attn for block in model.blocks]
+    assert len({id(attn._dense.plans) for attn in layers}) == 1  # one store for the model
+    with torch.no_grad():
+        model(torch.randint(0, 64, (1, 32)))
+        assert len(layers[0]._dense.plans) == distinct
+        if att_type == "T5-Bias":
+            for attn in layers[1:]:
+                attn.score_mod.table.copy_(layers[0].score_mod.table)
+            model(torch.randint(0, 64, (1, 32)))  # new versions: the tables are re-read
+            assert len(layers[0]._dense.plans) == 1
+        plans = {id(plan_of(attn, 32)) for attn in layers}
+        assert len(plans) == 1
+        model(torch.randint(0, 64, (2, 20)))  # another length: every layer's plan replaced
+        assert len(layers[0]._dense.plans) == 1 and plan_of(layers[0], 32) is None
 
 
 def test_flex_builds_its_block_mask_once_per_length(registry):
