@@ -11,14 +11,13 @@ saved, and the next batch is copied while the current step runs. Every piece
 of state lives in the trainer or in the checkpoint it writes, so a run killed
 at any moment and continued with ``resume=True`` ends with the same weights as
 an uninterrupted run (bitwise on the CPU: data order, dropout masks and the
-optimizer all continue from the saved state).
+optimizer all continue from the saved state). What the trainer saves and
+restores is in :mod:`ropelm.trainer_checkpoints`.
 """
 
 from __future__ import annotations
 
 import contextlib
-import json
-import math
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,16 +27,6 @@ import torch
 from tqdm.auto import tqdm
 
 from ropelm.batches import TrainBatches
-from ropelm.checkpoint import (
-    checkpoint_complete,
-    load_trainer_state,
-    load_weights,
-    resolve_checkpoint,
-    save_checkpoint,
-    staging_dir,
-    start_staging,
-    verify_checkpoint,
-)
 from ropelm.config import ModelConfig, TrainConfig
 from ropelm.data import PreparedData
 from ropelm.distributed import (
@@ -46,20 +35,13 @@ from ropelm.distributed import (
     init_distributed,
     resolve_device,
 )
-from ropelm.errors import ConfigError, RopelmError
+from ropelm.errors import ConfigError, RopelmError, TrainingError, TrainingInterrupted
 from ropelm.experiment import Experiment
 from ropelm.kernels import flex_problem
 from ropelm.loggers import MetricLoggers, open_loggers
 from ropelm.masks import document_ids
 from ropelm.model import TransformerLM
-from ropelm.parallel import (
-    SHARDED_DIR,
-    check_parallel,
-    full_state_dict,
-    load_sharded,
-    save_sharded,
-    wrap_for_training,
-)
+from ropelm.parallel import check_parallel, wrap_for_training
 from ropelm.perplexity import evaluate_loss, perplexity
 from ropelm.recipe import (
     Precision,
@@ -78,18 +60,11 @@ from ropelm.train_state import (
     ThroughputWatch,
     TrainState,
     graceful_interrupt,
-    restore_trainer_state,
-    rng_state,
-    trainer_state,
 )
+from ropelm.trainer_checkpoints import TrainerCheckpoints, load_parent_weights
 
-
-class TrainingError(RopelmError):
-    """Training cannot go on (a non-finite loss, ...); the message says what to do."""
-
-
-class TrainingInterrupted(TrainingError):
-    """Ctrl-C or SIGTERM stopped training at a step boundary, after a resumable checkpoint."""
+# the errors live in ropelm.errors; engine names them too, as the place training raises them
+__all__ = ["Trainer", "TrainingError", "TrainingInterrupted", "load_parent_weights", "train"]
 
 
 def train(
@@ -155,23 +130,15 @@ def _silent(message: str) -> None:
     """A log for the processes that do not print."""
 
 
-def load_parent_weights(
-    model: TransformerLM, parent_run: Path, device: torch.device, log: Callable[[str], None]
-) -> None:
-    """Start from ``parent_run``'s best checkpoint (verified); a missing one is one sentence."""
-    directory = resolve_checkpoint(parent_run, "best")
-    verify_checkpoint(directory)
-    load_weights(model, directory, device)
-    log(f"Starting from the weights of {directory}")
-
-
 @dataclass
-class Trainer:
+class Trainer(TrainerCheckpoints):
     """What one training run works with, and the named steps of its loop.
 
     ``model`` is the TransformerLM (whose weights are evaluated and saved);
     ``train_model`` is what the steps run: the same model, compiled and/or
-    wrapped in DDP (under FSDP the model itself is sharded).
+    wrapped in DDP (under FSDP the model itself is sharded). Saving, resuming
+    and the final summary (:meth:`save`, :meth:`restore`, :meth:`finish`, ...)
+    come from :class:`~ropelm.trainer_checkpoints.TrainerCheckpoints`.
     """
 
     experiment: Experiment
@@ -326,23 +293,7 @@ class Trainer:
                 f"The training loss became non-finite at step {bad}; {self.diverged()}"
             )
 
-    def diverged(self) -> str:
-        """The rest of a divergence message: where the last good checkpoint is, what to do."""
-        last = self.run_dir.checkpoints / "last.json"
-        if not last.is_file():
-            return (
-                "stopped before writing any checkpoint; lower train.learning_rate (or "
-                "train.max_grad_norm, or add train.warmup_steps) and start the run again."
-            )
-        step = json.loads(last.read_text()).get("step")
-        return (
-            f"stopped without saving anything after it; the last good checkpoint is step "
-            f"{step} in {self.run_dir.checkpoints}: continue from it with --resume "
-            f"{self.run_dir.path} --set train.learning_rate=... (lower; or train.max_grad_norm, "
-            "train.warmup_steps)."
-        )
-
-    # -- logging, evaluation, checkpoints -----------------------------------------------------
+    # -- logging, evaluation ------------------------------------------------------------------
 
     def log_step(self, loss: float, lr: float, tokens_per_s: float, bar: Any) -> None:
         """``loss`` is the mean training loss since the previous log line."""
@@ -422,55 +373,6 @@ class Trainer:
             or step == self.plan.total_steps
         )
 
-    def evaluate_and_checkpoint(self, bar: Any) -> None:
-        """Evaluate, log, and save ``last`` (and ``best`` when the loss improved)."""
-        val_loss = self.evaluate()
-        if not math.isfinite(val_loss):  # never a checkpoint, never a metrics row
-            raise TrainingError(
-                f"The validation loss became non-finite at step {self.state.step}; "
-                f"{self.diverged()}"
-            )
-        improved = self.state.record_eval(val_loss)
-        if self.dist.is_main:
-            self.record(
-                {"step": self.state.step, "tokens": self.state.tokens_seen,
-                 "val_loss": val_loss, "val_ppl": perplexity(val_loss)},
-            )  # fmt: skip
-            bar.write(f"step {self.state.step}: val_loss {val_loss:.4f}")
-        self.save(("last", "best") if improved else ("last",))
-
-    def save(self, pointers: tuple[str, ...]) -> None:
-        """Write a checkpoint of this step and point ``pointers`` at it (every process joins:
-        the RNG states of all ranks go in, and under FSDP every rank writes its shards)."""
-        checkpoints, step = self.run_dir.checkpoints, self.state.step
-        written = checkpoint_complete(checkpoints, step)
-        collect = not written and (self.sharded or self.dist.is_main)  # FSDP: a collective
-        weights = full_state_dict(self.model) if collect else {}
-        rng = self.dist.gather_to_main(rng_state(self.device))
-        if self.sharded and not written:
-            if self.dist.is_main:
-                start_staging(checkpoints, step)
-            self.dist.barrier()
-            save_sharded(staging_dir(checkpoints, step) / SHARDED_DIR, self.model, self.optimizer)
-            self.dist.barrier()
-        if self.dist.is_main:
-            save_checkpoint(
-                checkpoints, weights=weights, model_config=self.model_config,
-                plugins=self.experiment.config.plugins, step=step,
-                val_loss=self._val_loss_at(step),
-                tokenizer_path=self.tokenizer.path, pointers=pointers, staged=self.sharded,
-                trainer_state=trainer_state(
-                    self.state, None if self.sharded else self.optimizer, self.scaler,
-                    self.batches.state(), rng,
-                ),
-            )  # fmt: skip
-        self.dist.barrier()
-
-    def _val_loss_at(self, step: int) -> float | None:
-        """The validation loss of ``step``; None when it was not evaluated (a Ctrl-C save)."""
-        last = self.state.last_eval
-        return last.get("val_loss") if last.get("step") == step else None
-
     def stop_agreed(self, log_step: bool) -> bool:
         """Whether to stop for a signal now. One process: at the next step. Under torchrun
         the processes agree (one all-reduce) at log steps only, so every rank stops and
@@ -482,88 +384,9 @@ class Trainer:
         flag = torch.tensor(float(self.state.stop_requested), device=self.device)
         return bool(self.dist.all_reduce_sum(flag).item() > 0)
 
-    def save_and_stop(self) -> None:
-        """Answer a Ctrl-C or SIGTERM: save a resumable checkpoint and stop with the command
-        to resume."""
-        self.save(("last",))
-        raise TrainingInterrupted(
-            f"Interrupted at step {self.state.step}; a resumable checkpoint is saved, "
-            f"continue with --resume {self.run_dir.path}."
-        )
-
-    # -- start and end ------------------------------------------------------------------------
-
-    def restore(self, log: Callable[[str], None]) -> None:
-        """Continue from the run directory's last checkpoint (weights, optimizer, RNGs)."""
-        run_dir = self.run_dir
-        if not (run_dir.checkpoints / "last.json").is_file():
-            raise TrainingError(
-                f"Cannot resume {run_dir.path}: it was stopped before its first checkpoint; "
-                "delete the directory and start the run again."
-            )
-        directory = resolve_checkpoint(run_dir.path, "last")
-        verify_checkpoint(directory)
-        if self.sharded:
-            load_sharded(directory / SHARDED_DIR, self.model, self.optimizer)
-        else:
-            load_weights(self.model, directory, self.device)
-        saved = load_trainer_state(directory)
-        data_state = restore_trainer_state(
-            saved, self.state, None if self.sharded else self.optimizer, self.scaler,
-            self.dist.rank, self.device, fallback_seed=self.train_config.seed + self.dist.rank,
-        )  # fmt: skip
-        self.batches.set_state(data_state)
-        if self.dist.is_main:
-            run_dir.truncate_metrics(self.state.step)
-            log(f"Resuming {run_dir.path} at step {self.state.step} of {self.plan.total_steps}.")
-
-    def write_environment(self) -> None:
-        if self.dist.is_main:
-            self.run_dir.write_environment(self.experiment.registry, self.device)
-
     def progress_bar(self, enabled: bool) -> tqdm:
         return tqdm(
             total=self.plan.total_steps, initial=self.state.step,
             disable=not (enabled and self.dist.is_main), desc=f"train {self.model_config.att_type}",
             unit="step", dynamic_ncols=True,
         )  # fmt: skip
-
-    def finish(self) -> dict[str, Any]:
-        """Evaluate the best checkpoint once more, write and return the summary."""
-        import ropelm
-
-        state, attention = self.state, self.experiment.attention
-        best_dir = resolve_checkpoint(self.run_dir.path, "best")
-        if self.sharded:
-            load_sharded(best_dir / SHARDED_DIR, self.model, self.optimizer)
-        else:
-            load_weights(self.model, best_dir, self.device)
-        final_loss = self.evaluate()
-        summary = {
-            "name": self.experiment.config.name,
-            "att_type": self.model_config.att_type,
-            "att_options": self.model_config.att_options,
-            "n_params": self.model.num_parameters(),
-            "steps": state.step,
-            "tokens_seen": state.tokens_seen,
-            "initial_val_loss": state.initial_val_loss,
-            "best_val_loss": state.best_val_loss,
-            "final_val_loss": final_loss,
-            "final_val_ppl": perplexity(final_loss),
-            "train_tokens_per_s": state.tokens_seen / max(state.train_time, 1e-9),
-            "train_time_s": state.train_time,
-            "world_size": self.dist.world_size,
-            "parallel": self.train_config.parallel if self.dist.launched else None,
-            "device": str(self.device),
-            "precision": self.precision.name,
-            "versions": {
-                "ropelm": ropelm.__version__,
-                "torch": torch.__version__,
-                "plugin": {"source": attention.source, "version": attention.version},
-            },
-            "best_checkpoint": str(best_dir),
-            "wall_time_s": state.wall(),
-        }
-        if self.dist.is_main:
-            self.run_dir.write_summary(summary)
-        return summary

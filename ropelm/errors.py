@@ -44,6 +44,14 @@ class CheckpointError(RopelmError):
     """A checkpoint is missing, corrupt or does not match the model."""
 
 
+class TrainingError(RopelmError):
+    """Training cannot go on (a non-finite loss, ...); the message says what to do."""
+
+
+class TrainingInterrupted(TrainingError):
+    """Ctrl-C or SIGTERM stopped training at a step boundary, after a resumable checkpoint."""
+
+
 class StorageError(RopelmError, OSError):
     """A file could not be written (full disk, file-size limit, read-only directory).
 

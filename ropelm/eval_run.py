@@ -6,7 +6,8 @@ on the run's validation split at each requested length with both methods of
 :func:`ropelm.perplexity.length_perplexity` (the maths), and writes the result
 atomically as JSON. A variant that declares ``capabilities.extrapolates = False`` (e.g.
 Learned-APE) gets ``"n/a"`` with the reason for lengths beyond its block size,
-instead of an error.
+instead of an error. The run is opened, and tested on passkey retrieval with
+``passkey``, by :mod:`ropelm.eval_models`.
 
 ``eval.json`` (``eval-<options>.json`` when att_options were overridden)::
 
@@ -36,59 +37,22 @@ import torch
 from tabulate import tabulate
 
 from ropelm.atomic import atomic_write_json, check_writable
-from ropelm.attention import ResolvedAttention
-from ropelm.checkpoint import (
-    TOKENIZER,
-    load_weights,
-    read_model_config,
-    resolve_checkpoint,
-    verify_checkpoint,
-)
-from ropelm.config import ExperimentConfig, ModelConfig, validate
+from ropelm.checkpoint import TOKENIZER
+from ropelm.config import ExperimentConfig, ModelConfig
 from ropelm.data import PreparedData, prepare_data
-from ropelm.distributed import resolve_device
 from ropelm.errors import ConfigError, DataError
-from ropelm.hf_import import is_hf_dir, read_hf_model
-from ropelm.model import TransformerLM
-from ropelm.passkey import PasskeyRunner, PasskeySettings, PromptBuilder
-from ropelm.perplexity import (
-    METHODS,
-    LengthSpecError,
-    length_perplexity,
-    parse_length,
-    parse_stride,
-    split_specs,
-)
+from ropelm.eval_models import EvalSetup, ModelCache, evaluate_passkey, open_for_eval
+from ropelm.hf_import import is_hf_dir
+from ropelm.passkey import PasskeySettings
+from ropelm.perplexity import METHODS, LengthSpecError, length_perplexity, parse_stride
 from ropelm.pipeline import cached_stages
-from ropelm.recipe import Precision, resolve_precision
+from ropelm.recipe import Precision
 from ropelm.registry import Registry
-from ropelm.runs import RunDir, exclusive_writer
-from ropelm.tokenizer import load_tokenizer, tokenizer_info
+from ropelm.runs import exclusive_writer
+from ropelm.tokenizer import tokenizer_info
 
 EVAL_FILE = "eval.json"
 NA = "n/a"
-AUTO = "auto"
-
-
-def options_for_length(options: Mapping[str, Any], length: int, block_size: int) -> dict[str, Any]:
-    """``options`` with ``scale_factor: auto`` replaced by max(1, length / block_size).
-
-    So ``--att-option scaling=yarn --att-option scale_factor=auto`` extends RoPE's
-    context by exactly the factor each evaluation length needs (1 at 1x).
-
-    Raises:
-        ConfigError: ``auto`` given for an option other than ``scale_factor``.
-    """
-    resolved = dict(options)
-    for key, value in options.items():
-        if value == AUTO:
-            if key != "scale_factor":
-                raise ConfigError(
-                    f"--att-option {key}=auto: only scale_factor can be auto (the length over "
-                    "the block size); give a value."
-                )
-            resolved[key] = max(1.0, length / block_size)
-    return resolved
 
 
 def eval_file_name(overrides: Mapping[str, Any]) -> str:
@@ -176,18 +140,18 @@ def evaluate_run(
     check_writable(target)  # before minutes of computing, not after
     into_run = target.resolve().parent == root.resolve()
     with exclusive_writer(root) if into_run else contextlib.nullcontext():
+        methods = _methods(methods) if passkey is None else []
+        opened = open_for_eval(
+            Path(run_dir), root, registry, overrides, data, lengths=lengths,
+            stride=stride if passkey is None else "1", batch_size=batch_size, which=which,
+            device=device, attention_backend=attention_backend,
+        )  # fmt: skip
         if passkey is not None:
-            report = _evaluate_passkey(
-                Path(run_dir), root, registry, overrides, passkey, data, lengths=lengths,
-                batch_size=batch_size, which=which, device=device,
-                attention_backend=attention_backend, progress=progress,
-            )  # fmt: skip
+            report = evaluate_passkey(opened, passkey, progress=progress)
         else:
             report = _evaluate(
-                Path(run_dir), root, registry, overrides, data, lengths=lengths,
-                max_windows=max_windows, max_tokens=max_tokens, stride=stride,
-                batch_size=batch_size, methods=methods, which=which, device=device,
-                attention_backend=attention_backend,
+                opened, max_windows=max_windows, max_tokens=max_tokens, stride=stride,
+                methods=methods,
             )  # fmt: skip
         report = _keep_other_result(target, report)
         atomic_write_json(target, report)
@@ -195,138 +159,54 @@ def evaluate_run(
     return report
 
 
-def _evaluate(
-    run_dir: Path,
-    root: Path,
-    registry: Registry,
-    overrides: dict[str, Any],
-    data: ExperimentConfig | None,
-    *,
-    lengths: Iterable[str] | None,
-    max_windows: int | None,
-    max_tokens: int | None,
-    stride: str,
-    batch_size: int | None,
-    methods: Iterable[str],
-    which: str,
-    device: str,
-    attention_backend: str | None,
-) -> dict[str, Any]:
-    checkpoint, manifest, config, model_config = _open(run_dir, root, which, data)
-    model_config = model_config.model_copy(
-        update={"att_options": {**model_config.att_options, **overrides}}
-    )
-    if attention_backend is not None:
-        model_config = model_config.model_copy(update={"attention_backend": attention_backend})
+def _methods(methods: Iterable[str]) -> list[str]:
     methods = list(methods)
     for method in methods:
         if method not in METHODS:
             raise ConfigError(f"Unknown evaluation method '{method}'; use {' or '.join(METHODS)}.")
-    specs = split_specs(list(lengths) if lengths is not None else config.eval.lengths)
-    parsed, configs_at, resolved = _plan_lengths(model_config, specs, stride, registry)
-    block_size = model_config.block_size
-    capabilities = next(iter(resolved.values())).spec.capabilities
+    return methods
 
-    prepared = _prepared_data(checkpoint, config, root)
-    torch_device = resolve_device(device)
-    precision = _eval_precision(config.train.precision, torch_device)
+
+def _evaluate(
+    opened: EvalSetup,
+    *,
+    max_windows: int | None,
+    max_tokens: int | None,
+    stride: str,
+    methods: Iterable[str],
+) -> dict[str, Any]:
+    """Perplexity at each length by each method -> the report."""
+    config = opened.config
+    prepared = _prepared_data(opened.checkpoint, config, opened.root)
     eot_id = prepared.meta["tokenizer"]["eot_id"] if config.train.document_mask else None
-    window_batch = batch_size or config.eval.batch_size or config.train.batch_size
     scorer = _Scorer(
-        models=_ModelCache(checkpoint, torch_device, resolved), split=prepared.val,
-        device=torch_device, precision=precision, batch_tokens=window_batch * block_size,
+        models=opened.models, split=prepared.val, device=opened.device,
+        precision=opened.precision, batch_tokens=opened.batch_tokens,
         max_windows=max_windows, max_tokens=max_tokens, stride=stride, eot_id=eot_id,
     )  # fmt: skip
     results: dict[str, Any] = {}
-    for label, length in parsed.items():
+    for label, length in opened.lengths.items():
         entry: dict[str, Any] = {"length": length}
-        if AUTO in overrides.values():
-            entry["att_options"] = configs_at[label].att_options
+        if opened.auto_scaled:
+            entry["att_options"] = opened.configs_at[label].att_options
         for method in methods:
-            if length > block_size and not capabilities.extrapolates:
-                entry[method] = {"status": NA, "reason": _beyond_block(model_config)}
-            else:
-                entry[method] = scorer.cell(configs_at[label], length, method)
+            reason = opened.beyond_block(length)
+            entry[method] = (
+                {"status": NA, "reason": reason}
+                if reason
+                else scorer.cell(opened.configs_at[label], length, method)
+            )
         results[label] = entry
-    batch_tokens = scorer.batch_tokens
     return {
-        **_report_header(root, checkpoint, manifest, model_config, overrides),
+        **opened.header,
         "max_windows": max_windows,
         "max_tokens": max_tokens,
         "stride": str(stride),
-        "batch_tokens": batch_tokens,
+        "batch_tokens": opened.batch_tokens,
         "document_mask": eot_id is not None,
-        "device": str(torch_device),
+        "device": str(opened.device),
         "results": results,
     }
-
-
-def _evaluate_passkey(
-    run_dir: Path,
-    root: Path,
-    registry: Registry,
-    overrides: dict[str, Any],
-    settings: PasskeySettings,
-    data: ExperimentConfig | None,
-    *,
-    lengths: Iterable[str] | None,
-    batch_size: int | None,
-    which: str,
-    device: str,
-    attention_backend: str | None,
-    progress: bool,
-) -> dict[str, Any]:
-    """The passkey test at each length (:class:`ropelm.passkey.PasskeyRunner`) -> the report."""
-    checkpoint, manifest, config, model_config = _open(run_dir, root, which, data)
-    update: dict[str, Any] = {"att_options": {**model_config.att_options, **overrides}}
-    if attention_backend is not None:
-        update["attention_backend"] = attention_backend
-    model_config = model_config.model_copy(update=update)
-    specs = split_specs(list(lengths) if lengths is not None else config.eval.lengths)
-    parsed, configs_at, resolved = _plan_lengths(model_config, specs, "1", registry)
-    block_size = model_config.block_size
-    capabilities = next(iter(resolved.values())).spec.capabilities
-    torch_device = resolve_device(device)
-    precision = _eval_precision(config.train.precision, torch_device)
-    models = _ModelCache(checkpoint, torch_device, resolved)
-    window_batch = batch_size or config.eval.batch_size or config.train.batch_size
-    runner = PasskeyRunner(
-        PromptBuilder(load_tokenizer(checkpoint / TOKENIZER)), settings, torch_device,
-        precision.autocast, batch_tokens=window_batch * block_size,
-    )  # fmt: skip
-
-    def model_at(label: str) -> TransformerLM | str:
-        if parsed[label] > block_size and not capabilities.extrapolates:
-            return _beyond_block(model_config)
-        return models.get(configs_at[label])
-
-    section = runner.run(parsed, model_at, progress=progress)
-    if AUTO in overrides.values():
-        for label, entry in section["results"].items():
-            entry["att_options"] = configs_at[label].att_options
-    return {
-        **_report_header(root, checkpoint, manifest, model_config, overrides),
-        "device": str(torch_device),
-        "results": {},
-        "passkey": section,
-    }
-
-
-def _open(
-    run_dir: Path, root: Path, which: str, data: ExperimentConfig | None
-) -> tuple[Path, dict[str, Any], ExperimentConfig, ModelConfig]:
-    """The directory with the weights, its manifest, the settings and the model to score."""
-    if is_hf_dir(run_dir):
-        if data is None:
-            raise ConfigError(
-                f"{run_dir} is a transformers model without ropelm's experiment; name the data "
-                "to score with --data EXPERIMENT.yaml."
-            )
-        return Path(run_dir), {}, data, read_hf_model(run_dir)[0]
-    checkpoint = resolve_checkpoint(run_dir, which)
-    manifest = verify_checkpoint(checkpoint).manifest
-    model_config, _ = read_model_config(checkpoint)
-    return checkpoint, manifest, data or validate(RunDir(root).read_config()), model_config
 
 
 def _prepared_data(checkpoint: Path, config: ExperimentConfig, root: Path) -> PreparedData:
@@ -335,41 +215,6 @@ def _prepared_data(checkpoint: Path, config: ExperimentConfig, root: Path) -> Pr
     if is_hf_dir(checkpoint):
         return prepare_data(config, tokenizer_info(checkpoint / TOKENIZER), progress=False)
     return cached_stages(config, str(root / "config.yaml"))[1]
-
-
-def _report_header(
-    root: Path,
-    checkpoint: Path,
-    manifest: dict[str, Any],
-    model_config: ModelConfig,
-    overrides: dict[str, Any],
-) -> dict[str, Any]:
-    """What every eval JSON starts with: which run, checkpoint and model it scored."""
-    return {
-        "run_dir": str(root),
-        "checkpoint": str(checkpoint),
-        "step": manifest.get("step"),
-        "att_type": model_config.att_type,
-        "att_options": dict(model_config.att_options),
-        "att_option_overrides": overrides,
-        "block_size": model_config.block_size,
-    }
-
-
-def _eval_precision(trained: str, device: torch.device) -> Precision:
-    """The run's precision on ``device``; fp16 autocast is CUDA's alone (a GPU run scored
-    elsewhere falls back to fp32)."""
-    return resolve_precision(
-        "fp32" if trained == "fp16" and device.type != "cuda" else trained, device
-    )
-
-
-def _beyond_block(model_config: ModelConfig) -> str:
-    """Why a variant gets n/a beyond its block size."""
-    return (
-        f"{model_config.att_type} does not run beyond its block size of "
-        f"{model_config.block_size} tokens (capabilities.extrapolates is False)"
-    )
 
 
 def _keep_other_result(target: Path, report: dict[str, Any]) -> dict[str, Any]:
@@ -387,36 +232,11 @@ def _keep_other_result(target: Path, report: dict[str, Any]) -> dict[str, Any]:
     return report | ({"passkey": previous["passkey"]} if "passkey" in previous else {})
 
 
-def _plan_lengths(
-    model_config: ModelConfig, specs: list[str], stride: str, registry: Registry
-) -> tuple[dict[str, int], dict[str, ModelConfig], dict[str, ResolvedAttention]]:
-    """Lengths in tokens, the model config at each (``scale_factor: auto`` resolved) and each
-    distinct set of options resolved once: every error before any work."""
-    if not specs:
-        raise ConfigError("No evaluation lengths given; pass e.g. --lengths 1x,2x,4x.")
-    block_size = model_config.block_size
-    parsed = {spec: parse_length(spec, block_size) for spec in specs}
-    for spec in specs:
-        parse_stride(stride, parsed[spec])  # a bad stride fails before any work
-    configs_at = {
-        label: model_config.model_copy(
-            update={"att_options": options_for_length(model_config.att_options, length, block_size)}
-        )
-        for label, length in parsed.items()
-    }
-    resolved = {_options_key(c): registry.resolve(c) for c in configs_at.values()}
-    return parsed, configs_at, resolved
-
-
-def _options_key(config: ModelConfig) -> str:
-    return json.dumps(config.att_options, sort_keys=True)
-
-
 @dataclasses.dataclass
 class _Scorer:
     """Scores one (options, length, method) cell of the evaluation."""
 
-    models: _ModelCache
+    models: ModelCache
     split: Any
     device: torch.device
     precision: Precision
@@ -447,26 +267,6 @@ class _Scorer:
             "backend": model.attention_backend(),
         }
         return cell | ({"stride": step} if method == "strided" else {})
-
-
-class _ModelCache:
-    """The checkpoint's weights in the model of one set of att_options, kept while it repeats."""
-
-    def __init__(
-        self, checkpoint: Path, device: torch.device, resolved: Mapping[str, ResolvedAttention]
-    ) -> None:
-        self.checkpoint, self.device, self.resolved = checkpoint, device, resolved
-        self._key: str | None = None
-        self._model: TransformerLM | None = None
-
-    def get(self, config: ModelConfig) -> TransformerLM:
-        key = _options_key(config)
-        if self._model is None or self._key != key:
-            self._model = None  # free the previous model before building the next one
-            model = TransformerLM(config, self.resolved[key])
-            load_weights(model, self.checkpoint, self.device)
-            self._key, self._model = key, model.to(self.device).eval()
-        return self._model
 
 
 def read_eval(path: str | Path) -> dict[str, Any]:

@@ -277,7 +277,7 @@ def _run_all(
     origin: dict[str, Any] | None,
 ) -> None:
     """Every run of the sweep in order, the manifest after each, then the comparison."""
-    from ropelm.engine import TrainingInterrupted
+    from ropelm.errors import TrainingInterrupted
 
     def save_manifest() -> None:
         atomic_write_json(

@@ -40,8 +40,8 @@ from ropelm.batches import TrainBatches
 from ropelm.bench import flops_per_token, matmul_params
 from ropelm.data import PreparedData, token_dtype
 from ropelm.distributed import DistributedContext
-from ropelm.engine import Trainer, TrainingError
-from ropelm.errors import ConfigError
+from ropelm.engine import Trainer
+from ropelm.errors import ConfigError, TrainingError
 from ropelm.experiment import Experiment
 from ropelm.recipe import build_optimizer, resolve_compile, resolve_precision
 from ropelm.runs import RunDir

@@ -84,8 +84,38 @@ threads_option = click.option(
     type=click.IntRange(min=1),
     expose_value=False,
     callback=_set_threads,
-    help="CPU threads for torch (default: train.threads, else one per core). Jobs sharing "
-    "the cores should split them: N x jobs <= cores.",
+    help="CPU threads for torch (default: train.threads when training, else one per core). "
+    "Jobs sharing the cores should split them: N x jobs <= cores.",
+)
+
+# The options of the commands that load a trained run's checkpoint (eval, generate, extend).
+which_option = click.option(
+    "--which",
+    type=click.Choice(["best", "last"]),
+    default="best",
+    show_default=True,
+    help="The run's checkpoint to load: best (lowest validation loss) or last.",
+)
+device_option = click.option(
+    "--device",
+    default="auto",
+    show_default=True,
+    help="Where to run: auto (CUDA when present, else the CPU), cpu, cuda, cuda:1, ...",
+)
+plugin_option = click.option(
+    "--plugin",
+    "plugin_modules",
+    multiple=True,
+    metavar="FILE_OR_MODULE",
+    help="A plugin module that registers the run's variant (.py file or dotted name; "
+    "repeatable): your own copy, imported instead of the one the checkpoint names, so it "
+    "needs no --trust-plugins.",
+)
+trust_plugins_option = click.option(
+    "--trust-plugins",
+    is_flag=True,
+    help="Import the plugin modules the checkpoint names (files or dotted names: code that "
+    "runs). Only for runs you trust; built-in and installed plugins need no flag.",
 )
 
 

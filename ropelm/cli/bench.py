@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from ropelm.cli.app import main, set_option
+from ropelm.cli.app import main, set_option, threads_option
 
 
 @main.command("bench")
@@ -43,7 +43,7 @@ from ropelm.cli.app import main, set_option
 )
 @click.option("--rounds", type=click.IntRange(min=1), default=5, show_default=True)
 @click.option("--warmup", type=click.IntRange(min=0), default=2, show_default=True)
-@click.option("--threads", type=click.IntRange(min=1), help="torch intra-op threads on the CPU.")
+@threads_option
 @click.option("--no-memory", is_flag=True, help="Skip the peak-memory measurement.")
 @click.option(
     "--peak-tflops",
@@ -68,7 +68,6 @@ def bench_command(
     attention_backend: str | None,
     rounds: int,
     warmup: int,
-    threads: int | None,
     no_memory: bool,
     peak_tflops: float | None,
     out_file: Path,
@@ -117,8 +116,6 @@ def bench_command(
     device_list = split_specs(devices)
     if device_list == ["auto"]:
         device_list = ["cpu", "cuda"] if torch.cuda.is_available() else ["cpu"]
-    if threads is not None:
-        torch.set_num_threads(threads)
     bench = bench_variants(
         choices, sizes, registry, model=model, batch_size=batch_size, devices=device_list,
         rounds=rounds, warmup=warmup, memory=not no_memory, peak_tflops=peak_tflops,

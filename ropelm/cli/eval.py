@@ -7,7 +7,14 @@ from typing import TYPE_CHECKING
 
 import click
 
-from ropelm.cli.app import main, threads_option
+from ropelm.cli.app import (
+    device_option,
+    main,
+    plugin_option,
+    threads_option,
+    trust_plugins_option,
+    which_option,
+)
 
 if TYPE_CHECKING:
     from ropelm.passkey import PasskeySettings
@@ -62,19 +69,14 @@ if TYPE_CHECKING:
     help="Windows of block_size tokens per forward pass; longer windows get the same "
     "number of tokens per batch (default: the run's eval or train batch size).",
 )
-@click.option("--which", type=click.Choice(["best", "last"]), default="best", show_default=True)
-@click.option("--device", default="auto", show_default=True, help="cpu, cuda, cuda:1, ...")
+@which_option
+@device_option
 @click.option(
     "--attention-backend",
     type=click.Choice(["auto", "sdpa", "flex", "dense"]),
     help="Kernel for attention (default: the run's model.attention_backend, usually auto).",
 )
-@click.option(
-    "--trust-plugins",
-    is_flag=True,
-    help="Import the plugin modules the checkpoint names (files or dotted names: code that "
-    "runs). Only for runs you trust; built-in and installed plugins need no flag.",
-)
+@trust_plugins_option
 @click.option(
     "--data",
     "data_experiment",
@@ -83,14 +85,7 @@ if TYPE_CHECKING:
     "structure): the experiment YAML whose validation split is scored, tokenized with the "
     "model's own tokenizer.",
 )
-@click.option(
-    "--plugin",
-    "plugin_modules",
-    multiple=True,
-    metavar="FILE_OR_MODULE",
-    help="A plugin module that registers the run's variant (.py file or dotted name; "
-    "repeatable): your own copy, imported instead of the one the checkpoint names.",
-)
+@plugin_option
 @threads_option
 @click.option(
     "--passkey",

@@ -6,7 +6,15 @@ from pathlib import Path
 
 import click
 
-from ropelm.cli.app import main, print_summary, quiet_option, set_option, threads_option
+from ropelm.cli.app import (
+    main,
+    plugin_option,
+    print_summary,
+    quiet_option,
+    set_option,
+    threads_option,
+    trust_plugins_option,
+)
 
 
 def _scale_factor(text: str) -> float | None:
@@ -56,18 +64,8 @@ def _scale_factor(text: str) -> float | None:
     help="The new run's directory (default: beside RUN_DIR, RUN_DIR-extend-METHOD-BLOCK).",
 )
 @click.option("--resume", is_flag=True, help="Continue an interrupted extension in its directory.")
-@click.option(
-    "--plugin",
-    "plugin_modules",
-    multiple=True,
-    metavar="FILE_OR_MODULE",
-    help="A plugin module that registers the run's variant (.py file or dotted name).",
-)
-@click.option(
-    "--trust-plugins",
-    is_flag=True,
-    help="Import the plugin modules the run names (code that runs): only for runs you trust.",
-)
+@plugin_option
+@trust_plugins_option
 @quiet_option
 @threads_option
 def extend_command(

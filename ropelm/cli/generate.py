@@ -8,7 +8,13 @@ from typing import Any
 
 import click
 
-from ropelm.cli.app import main
+from ropelm.cli.app import (
+    device_option,
+    main,
+    plugin_option,
+    trust_plugins_option,
+    which_option,
+)
 from ropelm.errors import ConfigError
 
 
@@ -51,23 +57,11 @@ from ropelm.errors import ConfigError
 @click.option("--top-k", type=click.IntRange(min=1), help="Keep the k most likely tokens.")
 @click.option("--top-p", type=click.FloatRange(0.0, 1.0, min_open=True), help="Nucleus mass.")
 @click.option("--seed", type=int, help="Seed for sampling (reproducible output).")
-@click.option("--which", type=click.Choice(["best", "last"]), default="best", show_default=True)
+@which_option
 @click.option("--no-cache", is_flag=True, help="Recompute the whole context for every token.")
-@click.option("--device", default="auto", show_default=True, help="cpu, cuda, cuda:1, ...")
-@click.option(
-    "--plugin",
-    "plugin_modules",
-    multiple=True,
-    metavar="FILE_OR_MODULE",
-    help="A plugin module that registers the run's variant (.py file or dotted name); "
-    "repeatable. Needs no --trust-plugins: it is your own code, not the checkpoint's.",
-)
-@click.option(
-    "--trust-plugins",
-    is_flag=True,
-    help="Import the plugin modules the checkpoint names (files or dotted names: code that "
-    "runs). Only for runs you trust; built-in and installed plugins need no flag.",
-)
+@device_option
+@plugin_option
+@trust_plugins_option
 def generate_command(
     run_dir: Path,
     prompt: str | None,
