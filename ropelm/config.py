@@ -119,7 +119,7 @@ class TokenizerConfig(_Section):
 class DataConfig(_Section):
     """Where the corpus comes from, how it is split, where token files are cached."""
 
-    source: Literal["wiki-sample", "hub", "files"] = "wiki-sample"
+    source: Literal["wiki-sample", "hub", "files", "passkey"] = "wiki-sample"
     name: str = DEFAULT_HUB_DATASET  # hub: dataset name
     config_name: str | None = None  # hub: dataset configuration
     split: str = "train"  # hub: split to stream
@@ -128,6 +128,7 @@ class DataConfig(_Section):
     val_fraction: float = Field(0.1, gt=0.0, lt=1.0)
     split_seed: int = 0
     max_documents: PositiveInt | None = None
+    passkey_filler_words: int = Field(24, ge=0)  # passkey: each document has 0..N filler words
     cache_dir: str = "data_cache"
     num_proc: PositiveInt = 1
 

@@ -58,6 +58,31 @@ NA = "n/a"
 _DIGITS = re.compile(r"[0-9]+")
 
 
+DOCUMENTS = 20_000  # passkey training documents when data.max_documents is not given
+
+
+def passkey_documents(count: int, max_filler_words: int, seed: int = 0) -> Iterable[str]:
+    """``count`` training documents in the format of the test, answer included::
+
+        FILLER[:cut]  KEY_SENTENCE  FILLER[cut:n]  QUESTION " NNNNN."
+
+    ``n`` filler words (uniform in 0..``max_filler_words``, the filler text's words in
+    order), the key sentence after ``cut`` of them (a uniform depth), a key uniform over
+    10000..99999. The keys come from their own stream (seeded with a string): the keys
+    of the evaluation (:func:`draw_keys`) do not follow them.
+    """
+    rng = random.Random(f"passkey-documents-{seed}")
+    words = FILLER.split()
+    for _ in range(count):
+        key = KEY_LOW + int(rng.random() * (KEY_HIGH - KEY_LOW + 1))
+        n = rng.randint(0, max_filler_words)
+        cut = math.floor(rng.random() * n + 0.5)
+        filler = [words[i % len(words)] for i in range(n)]
+        before = " ".join(filler[:cut])
+        after = "".join(f" {word}" for word in filler[cut:])
+        yield before + KEY_TEMPLATE.format(key=key) + after + QUESTION + f" {key}."
+
+
 @dataclass(frozen=True)
 class PasskeySettings:
     """What to test: key depths (fractions of the filler), trials per cell, the key seed.

