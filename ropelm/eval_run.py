@@ -210,9 +210,10 @@ def _evaluate(
 
 
 def _prepared_data(checkpoint: Path, config: ExperimentConfig, root: Path) -> PreparedData:
-    """The run's token files; for a transformers directory, the experiment's data tokenized
-    with the model's own tokenizer (prepared once, then cached)."""
-    if is_hf_dir(checkpoint):
+    """The run's token files; for a transformers directory, or a run that started from
+    another's weights (and kept its tokenizer), the data tokenized with the checkpoint's own
+    tokenizer (prepared once, then cached)."""
+    if is_hf_dir(checkpoint) or config.init.from_run is not None:
         return prepare_data(config, tokenizer_info(checkpoint / TOKENIZER), progress=False)
     return cached_stages(config, str(root / "config.yaml"))[1]
 

@@ -12,8 +12,10 @@ the parent's best checkpoint. Its configuration is the parent's with
 * ``init.from_run`` naming the parent and ``init.method`` the method, so the new
   run records where its weights came from.
 
-Tokenizer and token files are the parent's: nothing that keys the data cache
-changes. The methods (:data:`EXTENSION_METHODS`) are those of
+The tokenizer is the parent's (:func:`ropelm.pipeline.inherited_tokenizer`), and so
+are the token files unless ``--set data....`` names other documents, which are then
+tokenized with the parent's tokenizer (to fine-tune on long documents, as the papers
+do). The methods (:data:`EXTENSION_METHODS`) are those of
 :mod:`ropelm.rope_scaling`; ``none`` only lengthens the block (the one method
 for variants without RoPE, such as ALiBi or NoPE). Chen et al. (2023,
 https://arxiv.org/abs/2306.15595) and Peng et al. (2023,

@@ -23,6 +23,20 @@ def default_run_dir(config: ExperimentConfig) -> Path:
     return Path("runs") / config.name
 
 
+def inherited_tokenizer(config: ExperimentConfig) -> TokenizerInfo | None:
+    """The tokenizer of the run ``init.from_run`` names (its best checkpoint's), or None.
+
+    A run that starts from another run's weights must read text as that run did,
+    whatever data it trains on: an extension fine-tuned on longer documents
+    tokenizes them with its parent's tokenizer, never with one trained anew.
+    """
+    if config.init.from_run is None:
+        return None
+    from ropelm.checkpoint import TOKENIZER, resolve_checkpoint
+
+    return tokenizer_info(resolve_checkpoint(Path(config.init.from_run), "best") / TOKENIZER)
+
+
 def cached_stages(
     config: ExperimentConfig, experiment: str = "EXPERIMENT.yaml"
 ) -> tuple[TokenizerInfo, PreparedData]:
@@ -58,10 +72,16 @@ def train_only(
         distributed_session(resolve_device(config.train.device)) as dist_ctx,
         run_dir.writing(enabled=dist_ctx.is_main),
     ):
-        tokenizer, data = cached_stages(config, experiment_file)
+        inherited = inherited_tokenizer(config)
+        if inherited is None:
+            tokenizer, data = cached_stages(config, experiment_file)
         if dist_ctx.is_main:
             run_dir.claim(config, resume=resume)
+            if inherited is not None:
+                tokenizer, data = inherited, prepare_data(config, inherited, progress=progress)
         dist_ctx.barrier()
+        if inherited is not None and not dist_ctx.is_main:
+            tokenizer, data = inherited, prepare_data(config, inherited, progress=False)
         return train(experiment, data, tokenizer, run_dir, resume=resume, progress=progress)
 
 
@@ -79,12 +99,13 @@ def run_experiment(
         distributed_session(resolve_device(config.train.device)) as dist_ctx,
         run_dir.writing(enabled=dist_ctx.is_main),
     ):
+        inherited = inherited_tokenizer(config)
         if dist_ctx.is_main:  # one process builds the caches, the others then reuse them
             run_dir.claim(config, resume=resume)
-            tokenizer = train_tokenizer(config, progress=progress)
+            tokenizer = inherited or train_tokenizer(config, progress=progress)
             data = prepare_data(config, tokenizer, progress=progress)
         dist_ctx.barrier()
         if not dist_ctx.is_main:
-            tokenizer = train_tokenizer(config, progress=False)
+            tokenizer = inherited or train_tokenizer(config, progress=False)
             data = prepare_data(config, tokenizer, progress=False)
         return train(experiment, data, tokenizer, run_dir, resume=resume, progress=progress)

@@ -12,6 +12,7 @@ from safetensors.torch import load_file
 
 from ropelm.checkpoint import resolve_checkpoint
 from ropelm.cli import main
+from ropelm.config import validate
 from ropelm.engine import Trainer
 from ropelm.errors import ConfigError, RopelmError
 from ropelm.experiment import Experiment
@@ -166,3 +167,39 @@ def test_a_parent_without_a_best_checkpoint_is_one_sentence(runs, tmp_path, asse
     assert_one_sentence(str(info.value))
     result = CliRunner().invoke(main, ["extend", str(tmp_path), "--block-size", "2x"])
     assert result.exit_code == 1 and "not a run directory" in result.output
+
+
+def test_an_extension_on_other_data_reads_it_with_the_parent_tokenizer(runs, tmp_path):
+    """Fine-tuning at the new length on other documents (here: other Wikipedia documents,
+    as long-document fine-tuning would be) tokenizes them with the parent's tokenizer,
+    never one trained on them: the weights' ids must keep meaning the same pieces."""
+    from ropelm.checkpoint import TOKENIZER
+    from ropelm.eval_run import evaluate_run
+    from ropelm.pipeline import inherited_tokenizer
+    from ropelm.registry import Registry
+
+    parent = runs["RoPE-SM"]
+    parent_tokenizer = (resolve_checkpoint(parent) / TOKENIZER).read_bytes()
+    child = tmp_path / "child"
+    result = CliRunner().invoke(
+        main,
+        ["extend", str(parent), "--block-size", "2x", "--scaling", "ntk", "--steps", "2",
+         "--set", "data.max_documents=120", "--set", "data.split_seed=7", "--out", str(child),
+         "--quiet"],
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert (resolve_checkpoint(child) / TOKENIZER).read_bytes() == parent_tokenizer
+    config = RunDir(child).read_config()
+    assert config["data"]["max_documents"] == 120
+    experiment = Experiment.bind(validate(config), Registry.default())
+    tokenizer = inherited_tokenizer(experiment.config)
+    assert tokenizer is not None and tokenizer.path.read_bytes() == parent_tokenizer
+    with pytest.raises(RopelmError, match="No tokenizer"):  # its data keys no tokenizer of its own
+        cached_stages(experiment.config)
+    report = evaluate_run(child, Registry.default(), lengths=["1x"], max_windows=1)
+    assert report["results"]["1x"]["nonoverlapping"]["ppl"] > 1.0  # its own data, scored
+
+    # sweep's path (every stage, run_experiment) inherits the tokenizer the same way
+    again = tmp_path / "again"
+    run_experiment(experiment, out_dir=again, progress=False)
+    assert (resolve_checkpoint(again) / TOKENIZER).read_bytes() == parent_tokenizer

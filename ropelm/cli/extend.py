@@ -86,14 +86,16 @@ def extend_command(
     The new run is an ordinary run directory (checkpoints, metrics, summary, resume)
     whose config.yaml holds the new block size, the scaling in model.att_options and
     init.from_run / init.method naming the parent and the method. It trains on the
-    parent's tokenizer and token files; RUN_DIR itself is only read. Evaluate it with
-    `ropelm-exp eval` like any run (1x is then the new block size).
+    parent's token files, or on the documents a --set data.... names (long ones, say),
+    always read with the parent's tokenizer; RUN_DIR itself is only read. Evaluate it
+    with `ropelm-exp eval` like any run (1x is then the new block size).
 
     \b
     Examples:
       ropelm-exp extend runs/quickstart --block-size 4x --scaling yarn --steps 200
       ropelm-exp extend runs/quickstart --block-size 512 --scaling abf:new_base=500000
       ropelm-exp extend runs/alibi --block-size 4x          # no RoPE: block size alone
+      ropelm-exp extend runs/passkey --block-size 4x --set data.passkey_filler_words=200
       ropelm-exp eval runs/quickstart-extend-yarn-512 --lengths 1x,2x,4x
     """
     from ropelm.extend import ExtensionMethod, default_extension_dir, plan_extension
