@@ -55,6 +55,7 @@ import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 import torch
@@ -352,12 +353,10 @@ def _measure_length(
             "flops_per_token_fwd_bwd": flops_per_token(c.model.config, n_matmul, length, True),
         }
         if ref is not None:
-            row["fwd_ratio_vs_ref"] = statistics.median(
-                r / t for r, t in zip(fwd[ref], fwd[label], strict=True)
-            )
-            row["fwd_bwd_ratio_vs_ref"] = statistics.median(
-                r / t for r, t in zip(fwd_bwd[ref], fwd_bwd[label], strict=True)
-            )
+            for kind, times in (("fwd", fwd), ("fwd_bwd", fwd_bwd)):
+                row[f"{kind}_ratio_vs_ref"] = statistics.median(
+                    r / t for r, t in zip(times[ref], times[label], strict=True)
+                )
         if peak is not None:
             row["mfu"] = row["fwd_bwd_tokens_per_s"] * row["flops_per_token_fwd_bwd"] / peak
             row["mfu_fwd"] = (
@@ -366,12 +365,9 @@ def _measure_length(
                 / peak
             )
         if memory:
-            model = c.model
-            row["fwd_peak_mb"] = peak_step_memory(lambda m=model: forward(m), device) / MB
-            row["fwd_bwd_peak_mb"] = (
-                peak_step_memory(lambda m=model: forward_backward(m), device) / MB
-            )
-            model.zero_grad(set_to_none=True)
+            for kind, step in (("fwd", forward), ("fwd_bwd", forward_backward)):
+                row[f"{kind}_peak_mb"] = peak_step_memory(partial(step, c.model), device) / MB
+            c.model.zero_grad(set_to_none=True)
         rows.append(row)
     return rows
 
