@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import math
 import statistics
+import textwrap
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -31,6 +32,7 @@ if TYPE_CHECKING:
     from ropelm.report import RunRecord, Table
 
 HEATMAP_FILE = "passkey_accuracy.png"
+TITLE_WIDTH = 36  # characters per line of a panel title: long variant labels wrap
 
 
 def _depth_label(depth: float) -> str:
@@ -151,7 +153,8 @@ def plot_passkey_heatmap(records: Sequence[RunRecord]) -> Figure:
     groups = _rows(records)
     cols = min(3, len(groups))
     nrows = math.ceil(len(groups) / cols)
-    fig, axes = plt.subplots(nrows, cols, figsize=(4.2 * cols, 3.2 * nrows), dpi=DPI, squeeze=False)
+    fig, axes = plt.subplots(nrows, cols, figsize=(4.4 * cols, 3.4 * nrows), dpi=DPI,
+                             squeeze=False, layout="constrained")  # fmt: skip
     image = None
     for ax, ((label, eval_label), sections) in zip(axes.flat, groups.items(), strict=False):
         lengths, depths, grid = heatmap_grid(sections)
@@ -165,7 +168,8 @@ def plot_passkey_heatmap(records: Sequence[RunRecord]) -> Figure:
         ax.set_yticks(range(len(lengths)), lengths)
         ax.set_xlabel("depth of the key")
         name = f"{label} [eval {eval_label}]" if eval_label else label
-        ax.set_title(f"{name} ({len(sections)} seed{'s' * (len(sections) > 1)})", fontsize=8)
+        title = f"{name} ({len(sections)} seed{'s' * (len(sections) > 1)})"
+        ax.set_title("\n".join(textwrap.wrap(title, TITLE_WIDTH)), fontsize=8)
     for ax in list(axes.flat)[len(groups) :]:
         ax.set_visible(False)
     if image is not None:
