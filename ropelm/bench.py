@@ -43,30 +43,41 @@ forward pass alone is a third of it (2 N + 4 L H Q T). MFU = tokens/s x FLOPs
 per token / peak FLOP/s of the device (bf16 dense, :data:`PEAK_TFLOPS`). The
 attention term is that of dense causal-free attention for every variant, so for
 sliding-window or linear attention MFU is "dense-equivalent" utilisation.
+
+The measuring itself (models, batch, timed rounds, peak memory) is in
+:mod:`ropelm.bench_timing`; this module turns it into result rows and the table.
 """
 
 from __future__ import annotations
 
-import contextlib
-import os
 import platform
 import statistics
-import sys
 import time
-from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
 from functools import partial
 from typing import Any
 
 import torch
 
-from ropelm.attention import ResolvedAttention
+from ropelm.bench_timing import Candidate, Steps, Timings, peak_step_memory, time_rounds
 from ropelm.config import ModelConfig
-from ropelm.errors import RopelmError, UnsupportedModelError
 from ropelm.model import TransformerLM
 from ropelm.recipe import Precision, resolve_precision
 from ropelm.registry import Registry
 from ropelm.variants import VariantChoice
+
+__all__ = [
+    "MB",
+    "PEAK_TFLOPS",
+    "REFERENCE",
+    "bench_variants",
+    "device_name",
+    "flops_per_token",
+    "format_bench_table",
+    "matmul_params",
+    "peak_flops",
+    "peak_step_memory",
+]
 
 REFERENCE = "RoPE-SM"
 MB = 2**20
@@ -120,87 +131,6 @@ def device_name(device: torch.device) -> str:
     return f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-@contextlib.contextmanager
-def _native_stderr_silenced() -> Iterator[None]:
-    """Send file descriptor 2 to /dev/null: the profiler's C++ side logs every start and stop."""
-    sys.stderr.flush()
-    saved = os.dup(2)
-    try:
-        with open(os.devnull, "w") as devnull:
-            os.dup2(devnull.fileno(), 2)
-            yield
-    finally:
-        os.dup2(saved, 2)
-        os.close(saved)
-
-
-def peak_step_memory(step: Callable[[], None], device: torch.device) -> int:
-    """Bytes allocated during ``step()`` at its peak, above what was allocated before it."""
-    if device.type == "cuda":
-        _sync(device)
-        torch.cuda.reset_peak_memory_stats(device)
-        before = torch.cuda.memory_allocated(device)
-        step()
-        _sync(device)
-        return max(0, torch.cuda.max_memory_allocated(device) - before)
-    from torch.profiler import ProfilerActivity, profile
-
-    with (
-        _native_stderr_silenced(),
-        profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof,
-    ):
-        step()
-    events = [e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"]
-    events.sort(key=lambda e: e.start_ns())
-    live = peak = 0
-    for event in events:
-        if event.device_type() == torch.autograd.DeviceType.CPU:
-            live += event.nbytes()  # + allocation, - free
-            peak = max(peak, live)
-    return peak
-
-
-@dataclass
-class _Candidate:
-    """A variant to measure: its config, resolved attention and model on the current device.
-
-    ``model`` is None when the variant cannot be built (``reason`` says why).
-    """
-
-    choice: VariantChoice
-    config: ModelConfig
-    attention: ResolvedAttention | None
-    reason: str | None = None
-    model: TransformerLM | None = None
-
-    @classmethod
-    def resolve(cls, choice: VariantChoice, config: ModelConfig, registry: Registry) -> _Candidate:
-        """Unknown names and bad options raise; a model shape the variant rejects is n/a."""
-        config = config.model_copy(
-            update={"att_type": choice.name, "att_options": choice.options_dict}
-        )
-        try:
-            return cls(choice, config, registry.resolve(config))
-        except UnsupportedModelError as err:  # e.g. an odd head size for RoPE
-            return cls(choice, config, None, str(err).splitlines()[0])
-
-    def build_on(self, device: torch.device) -> None:
-        """Build the model on ``device`` (seed 0, train mode), replacing the previous one."""
-        self.model = None
-        if self.attention is None:
-            return
-        try:
-            torch.manual_seed(0)
-            self.model = TransformerLM(self.config, self.attention).to(device).train()
-        except RuntimeError as err:  # out of memory
-            self.reason = str(err).splitlines()[0]
-
-
 def bench_variants(
     variants: Sequence[VariantChoice],
     lengths: Sequence[int],
@@ -224,7 +154,7 @@ def bench_variants(
 
     lengths = sorted(set(lengths))
     config = model.model_copy(update={"block_size": max(lengths), "dropout": 0.0})
-    candidates = [_Candidate.resolve(v, config, registry) for v in variants]
+    candidates = [Candidate.resolve(v, config, registry) for v in variants]
     reference = next((v.label for v in variants if v.label == REFERENCE), None)
     results: list[dict[str, Any]] = []
     names: dict[str, str] = {}
@@ -266,7 +196,7 @@ def bench_variants(
 
 
 def _measure_length(
-    candidates: list[_Candidate],
+    candidates: list[Candidate],
     length: int,
     batch_size: int,
     device: torch.device,
@@ -278,98 +208,64 @@ def _measure_length(
     peak: float | None,
     config: ModelConfig,
 ) -> list[dict[str, Any]]:
-    generator = torch.Generator().manual_seed(length)
-    x = torch.randint(0, config.vocab_size, (batch_size, length), generator=generator).to(device)
-    y = torch.roll(x, -1, dims=1)  # (B, T) any valid targets
-    autocast = precision.autocast
+    """One result row per candidate at length T: all timed together, then each described."""
+    steps = Steps.make(config, batch_size, length, device, precision)  # x, y: (B, T)
+    timings = time_rounds(candidates, steps, rounds, warmup)
+    ref = reference if reference is not None and reference not in timings.failed else None
+    return [_result_row(c, steps, timings, ref, peak, memory) for c in candidates]
 
-    def forward(model: TransformerLM) -> None:
-        with torch.no_grad(), autocast():
-            model(x)
 
-    def forward_backward(model: TransformerLM) -> None:
-        model.zero_grad(set_to_none=True)
-        with autocast():
-            _, loss = model(x, y)
-        loss.backward()
-
-    def timed(step: Callable[[TransformerLM], None], model: TransformerLM) -> float:
-        _sync(device)
-        start = time.perf_counter()
-        step(model)
-        _sync(device)
-        return time.perf_counter() - start
-
-    live = [c for c in candidates if c.model is not None]
-    fwd: dict[str, list[float]] = {c.choice.label: [] for c in live}
-    fwd_bwd: dict[str, list[float]] = {c.choice.label: [] for c in live}
-    backends: dict[str, dict[str, str]] = {}
-    failed: dict[str, str] = {c.choice.label: c.reason for c in candidates if c.model is None}
-    for number in range(warmup + rounds):
-        order = live if number % 2 == 0 else list(reversed(live))
-        for c in order:
-            label = c.choice.label
-            if label in failed:
-                continue
-            try:
-                f = timed(forward, c.model)
-                fwd_backend = c.model.attention_backend()
-                fb = timed(forward_backward, c.model)
-            except (RopelmError, RuntimeError) as err:  # cannot run at T, out of memory
-                failed[label] = str(err).splitlines()[0]
-                continue
-            backends[label] = {"fwd": fwd_backend, "fwd_bwd": c.model.attention_backend()}
-            if number >= warmup:
-                fwd[label].append(f)
-                fwd_bwd[label].append(fb)
-    ref = reference if reference is not None and reference not in failed else None
-    rows = []
-    for c in candidates:
-        label = c.choice.label
-        row: dict[str, Any] = {
-            "variant": label,
-            "att_type": c.choice.name,
-            "att_options": c.choice.options_dict,
-            "device": str(device),
-            "T": length,
-            "batch_size": batch_size,
-        }
-        if label in failed or c.model is None:
-            rows.append({**row, "status": "n/a", "reason": failed.get(label, c.reason)})
-            continue
-        tokens = batch_size * length
-        n_matmul = matmul_params(c.model)
-        fwd_s, fwd_bwd_s = statistics.median(fwd[label]), statistics.median(fwd_bwd[label])
-        row |= {
-            "status": "ok",
-            "fwd_backend": backends[label]["fwd"],
-            "fwd_bwd_backend": backends[label]["fwd_bwd"],
-            "fwd_ms": fwd_s * 1e3,
-            "fwd_bwd_ms": fwd_bwd_s * 1e3,
-            "fwd_tokens_per_s": tokens / fwd_s,
-            "fwd_bwd_tokens_per_s": tokens / fwd_bwd_s,
-            "n_params": c.model.num_parameters(),
-            "param_mb": sum(p.numel() * p.element_size() for p in c.model.parameters()) / MB,
-            "flops_per_token_fwd_bwd": flops_per_token(c.model.config, n_matmul, length, True),
-        }
-        if ref is not None:
-            for kind, times in (("fwd", fwd), ("fwd_bwd", fwd_bwd)):
-                row[f"{kind}_ratio_vs_ref"] = statistics.median(
-                    r / t for r, t in zip(times[ref], times[label], strict=True)
-                )
-        if peak is not None:
-            row["mfu"] = row["fwd_bwd_tokens_per_s"] * row["flops_per_token_fwd_bwd"] / peak
-            row["mfu_fwd"] = (
-                row["fwd_tokens_per_s"]
-                * flops_per_token(c.model.config, n_matmul, length, False)
-                / peak
+def _result_row(
+    c: Candidate,
+    steps: Steps,
+    timings: Timings,
+    ref: str | None,
+    peak: float | None,
+    memory: bool,
+) -> dict[str, Any]:
+    """Throughput, ratios vs ``ref``, MFU (``peak`` FLOP/s given) and peak memory, or n/a."""
+    label, length, batch_size = c.choice.label, steps.length, steps.batch_size
+    row: dict[str, Any] = {
+        "variant": label,
+        "att_type": c.choice.name,
+        "att_options": c.choice.options_dict,
+        "device": str(steps.device),
+        "T": length,
+        "batch_size": batch_size,
+    }
+    if label in timings.failed or c.model is None:
+        return {**row, "status": "n/a", "reason": timings.failed.get(label, c.reason)}
+    fwd, fwd_bwd, model = timings.fwd, timings.fwd_bwd, c.model
+    tokens = batch_size * length
+    n_matmul = matmul_params(model)
+    fwd_s, fwd_bwd_s = statistics.median(fwd[label]), statistics.median(fwd_bwd[label])
+    row |= {
+        "status": "ok",
+        "fwd_backend": timings.backends[label]["fwd"],
+        "fwd_bwd_backend": timings.backends[label]["fwd_bwd"],
+        "fwd_ms": fwd_s * 1e3,
+        "fwd_bwd_ms": fwd_bwd_s * 1e3,
+        "fwd_tokens_per_s": tokens / fwd_s,
+        "fwd_bwd_tokens_per_s": tokens / fwd_bwd_s,
+        "n_params": model.num_parameters(),
+        "param_mb": sum(p.numel() * p.element_size() for p in model.parameters()) / MB,
+        "flops_per_token_fwd_bwd": flops_per_token(model.config, n_matmul, length, True),
+    }
+    if ref is not None:
+        for kind, times in (("fwd", fwd), ("fwd_bwd", fwd_bwd)):
+            row[f"{kind}_ratio_vs_ref"] = statistics.median(
+                r / t for r, t in zip(times[ref], times[label], strict=True)
             )
-        if memory:
-            for kind, step in (("fwd", forward), ("fwd_bwd", forward_backward)):
-                row[f"{kind}_peak_mb"] = peak_step_memory(partial(step, c.model), device) / MB
-            c.model.zero_grad(set_to_none=True)
-        rows.append(row)
-    return rows
+    if peak is not None:
+        row["mfu"] = row["fwd_bwd_tokens_per_s"] * row["flops_per_token_fwd_bwd"] / peak
+        row["mfu_fwd"] = (
+            row["fwd_tokens_per_s"] * flops_per_token(model.config, n_matmul, length, False) / peak
+        )
+    if memory:
+        for kind, step in (("fwd", steps.forward), ("fwd_bwd", steps.forward_backward)):
+            row[f"{kind}_peak_mb"] = peak_step_memory(partial(step, model), steps.device) / MB
+        model.zero_grad(set_to_none=True)
+    return row
 
 
 def format_bench_table(bench: dict[str, Any]) -> str:
