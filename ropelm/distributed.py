@@ -134,10 +134,17 @@ def init_distributed(device: torch.device) -> DistributedContext:
 
 @contextlib.contextmanager
 def distributed_session(device: torch.device) -> Iterator[DistributedContext]:
-    """:func:`init_distributed` for the length of a command; the group is destroyed at the end."""
+    """:func:`init_distributed` for the length of a command; the group is destroyed at the end.
+
+    After a command that ends normally every rank first waits for the others, so
+    that none tears its connections down while another still talks to it (an
+    error or a stop skips the wait: the other ranks may never arrive).
+    """
     ctx = init_distributed(device)
     try:
         yield ctx
+        if ctx.launched and dist.is_initialized():
+            dist.barrier()
     finally:
         if ctx.launched and dist.is_initialized():
             dist.destroy_process_group()
