@@ -51,8 +51,9 @@ class DenseRun:
     ``allowed`` (1, nh, size, span) bool is causality and the variant's mask;
     ``attn_mask`` the mask and the variant's score_mod as SDPA takes them (the
     bias with -inf where not allowed, in the queries' dtype, or ``allowed`` itself
-    without a score_mod); ``bias`` (1, nh, size, span) float32 is the score_mod
-    alone, kept only for a soft-cap, which applies it before capping (else None).
+    without a score_mod or with a soft-cap); ``bias`` (1, nh, size, span) float32
+    is the score_mod alone, kept only for a soft-cap, which applies it before
+    capping (else None).
     """
 
     q_start: int
@@ -146,10 +147,8 @@ def dense_runs(
         allowed = allowed[None, :, :, lo:hi].contiguous()  # (1, nh, Tc, Lc)
         bias = score_grid(zero, b, heads, queries, keys[lo:hi])[None] if score_grid else None
         attn_mask = allowed
-        if bias is not None:
-            attn_mask = bias.to(dtype).masked_fill(~allowed, float("-inf"))
-        if functions.softcap is None:
-            bias = None  # in attn_mask already: no second copy
+        if bias is not None and functions.softcap is None:  # one copy: the bias in the mask
+            attn_mask, bias = bias.to(dtype).masked_fill(~allowed, float("-inf")), None
         run = DenseRun(q_start, q_end - q_start, 1, lo, hi - lo, allowed, bias, attn_mask)
         if runs and runs[-1].extends(run):
             runs[-1] = DenseRun(**{**runs[-1].__dict__, "count": runs[-1].count + 1})

@@ -68,6 +68,17 @@ def sample_next(
     likely token always stays).
     """
     check_sampling(temperature, top_k, top_p)
+    return _sample(logits, temperature, top_k, top_p, generator)
+
+
+def _sample(
+    logits: torch.Tensor,
+    temperature: float,
+    top_k: int | None,
+    top_p: float | None,
+    generator: torch.Generator | None,
+) -> torch.Tensor:
+    """:func:`sample_next` on settings already checked (the decoding loop checks them once)."""
     logits = logits.float()
     if temperature == 0:
         return logits.argmax(dim=-1, keepdim=True)
@@ -118,7 +129,7 @@ def _decode(
             else:
                 idx = window[:, -1:]  # (B, 1)
             logits, _ = model(idx, state=state)
-        next_ids = sample_next(logits[:, -1, :], generator=generator, **sampling)  # (B, 1)
+        next_ids = _sample(logits[:, -1, :], generator=generator, **sampling)  # (B, 1)
         window = torch.cat([window, next_ids], dim=1)[:, -block_size:]
         yield next_ids.squeeze(1).tolist()
 

@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any
 from tabulate import tabulate
 
 from ropelm.passkey import NA
+from ropelm.run_records import row_name
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -111,7 +112,7 @@ def passkey_table(records: Sequence[RunRecord]) -> Table:
     headers = ["variant", "seeds", "length", *(f"depth {_depth_label(d)}" for d in depths), "mean"]
     rows: list[list[Any]] = []
     for (label, eval_label), sections in groups.items():
-        name = f"{label} [eval {eval_label}]" if eval_label else label
+        name = row_name(label, eval_label)
         lengths, _ = _lengths_and_depths(sections)
         for length, tokens in lengths.items():
             row: list[Any] = [name, len(sections), f"{length} ({tokens})"]
@@ -167,7 +168,7 @@ def plot_passkey_heatmap(records: Sequence[RunRecord]) -> Figure:
         ax.set_xticks(range(len(depths)), [_depth_label(d) for d in depths])
         ax.set_yticks(range(len(lengths)), lengths)
         ax.set_xlabel("depth of the key")
-        name = f"{label} [eval {eval_label}]" if eval_label else label
+        name = row_name(label, eval_label)
         title = f"{name} ({len(sections)} seed{'s' * (len(sections) > 1)})"
         ax.set_title("\n".join(textwrap.wrap(title, TITLE_WIDTH)), fontsize=8)
     for ax in list(axes.flat)[len(groups) :]:

@@ -39,6 +39,7 @@ from matplotlib.ticker import FixedLocator, FuncFormatter, NullLocator
 
 from ropelm.atomic import atomic_path
 from ropelm.perplexity import METHODS
+from ropelm.run_records import row_name
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -216,7 +217,7 @@ def _length_series(
                 else math.nan
                 for x in xs
             ]  # fmt: skip
-            name = f"{label} [eval {eval_label}]" if eval_label else label
+            name = row_name(label, eval_label)
             series.append((name, "--" if eval_label else "-", xs, ys))
     return series
 

@@ -35,7 +35,7 @@ from tabulate import tabulate
 from ropelm.errors import ConfigError
 from ropelm.passkey_report import passkey_table, save_passkey_plots
 from ropelm.perplexity import METHODS
-from ropelm.run_records import RunRecord, find_runs, group_runs, load_run
+from ropelm.run_records import RunRecord, find_runs, group_runs, load_run, row_name
 from ropelm.variants import VariantChoice
 
 __all__ = [
@@ -227,7 +227,7 @@ def length_table(groups: dict[str, list[RunRecord]], method: str) -> Table:
     ]
     rows = []
     for label, eval_label in row_keys:
-        name = f"{label} [eval {eval_label}]" if eval_label else label
+        name = row_name(label, eval_label)
         seeds = sum(eval_label in r.evals for r in groups[label])
         row: list[Any] = [name, seeds]
         for length in order:

@@ -130,6 +130,12 @@ def load_run(path: Path) -> RunRecord:
     return record
 
 
+def row_name(label: str, eval_label: str | None) -> str:
+    """A table row's or plot panel's name: the variant's label, with the evaluation-time
+    option overrides when it has them (``RoPE-SM [eval scaling=yarn, scale_factor=4]``)."""
+    return f"{label} [eval {eval_label}]" if eval_label else label
+
+
 def group_runs(records: Sequence[RunRecord]) -> dict[str, list[RunRecord]]:
     """Variant label -> its runs (one per seed), in order of first appearance."""
     groups: dict[str, list[RunRecord]] = {}

@@ -158,3 +158,42 @@ def _assert_one_sentence(message: str) -> None:
 def assert_one_sentence() -> Callable[[str], None]:
     """Check that a user-facing error message is one sentence (the errors.py rule)."""
     return _assert_one_sentence
+
+
+def _train_tiny_runs(
+    root: Path, att_types: tuple[str, ...], *, name: str = "tiny", **sections: dict
+) -> dict[str, Path]:
+    """One tiny trained run per variant under ``root`` (1 layer, n_embd 32, block 32, four
+    steps on 300 wiki-sample documents), sharing one data cache; ``sections`` update the
+    YAML's sections (``train={"max_steps": 2}``)."""
+    import yaml
+
+    from ropelm.experiment import Experiment
+    from ropelm.pipeline import run_experiment
+
+    runs = {}
+    for att_type in att_types:
+        raw = {
+            "name": name,
+            "model": {"block_size": 32, "vocab_size": 512, "n_layer": 1, "n_head": 2,
+                      "n_embd": 32, "att_type": att_type},
+            "tokenizer": {"max_documents": 200},
+            "data": {"source": "wiki-sample", "max_documents": 300,
+                     "cache_dir": str(root / "cache")},
+            "train": {"max_steps": 4, "batch_size": 4, "eval_every": 2, "log_every": 2},
+            "eval": {"max_batches": 2},
+        }  # fmt: skip
+        for section, values in sections.items():
+            raw[section] |= values
+        path = root / f"{att_type}.yaml"
+        path.write_text(yaml.safe_dump(raw))
+        runs[att_type] = root / att_type
+        run_experiment(Experiment.load(path), out_dir=runs[att_type], progress=False)
+    return runs
+
+
+@pytest.fixture(scope="session")
+def train_tiny_runs() -> Callable[..., dict[str, Path]]:
+    """:func:`_train_tiny_runs`: the small trained runs that eval, extend and passkey tests
+    read (each module trains its own, into its own directory)."""
+    return _train_tiny_runs

@@ -15,38 +15,22 @@ from ropelm.cli import main
 from ropelm.data import load_prepared
 from ropelm.errors import CheckpointError, ConfigError, StorageError
 from ropelm.eval_run import eval_file_name, evaluate_run
-from ropelm.experiment import Experiment
 from ropelm.model import TransformerLM
 from ropelm.perplexity import length_perplexity
-from ropelm.pipeline import run_experiment
 from ropelm.variants import parse_att_options
 
 # -- evaluate_run on a trained run ------------------------------------------------------------
 
 
-def tiny_raw(cache_dir: Path, att_type: str) -> dict:
-    return {
-        "name": "evaltiny",
-        "model": {"block_size": 32, "vocab_size": 512, "n_layer": 1, "n_head": 2, "n_embd": 32,
-                  "att_type": att_type},
-        "tokenizer": {"max_documents": 200},
-        "data": {"source": "wiki-sample", "max_documents": 300, "cache_dir": str(cache_dir)},
-        "train": {"max_steps": 4, "batch_size": 4, "eval_every": 2, "log_every": 2},
-        "eval": {"max_batches": 3, "lengths": ["1x", "2x"]},
-    }  # fmt: skip
-
-
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory) -> dict[str, Path]:
+def runs(tmp_path_factory, train_tiny_runs) -> dict[str, Path]:
     """Two tiny trained runs sharing one data cache: RoPE-SM and Learned-APE."""
-    root = tmp_path_factory.mktemp("eval-runs")
-    out = {}
-    for att_type in ("RoPE-SM", "Learned-APE"):
-        path = root / f"{att_type}.yaml"
-        path.write_text(yaml.safe_dump(tiny_raw(root / "cache", att_type)))
-        out[att_type] = root / att_type
-        run_experiment(Experiment.load(path), out_dir=out[att_type], progress=False)
-    return out
+    return train_tiny_runs(
+        tmp_path_factory.mktemp("eval-runs"),
+        ("RoPE-SM", "Learned-APE"),
+        name="evaltiny",
+        eval={"max_batches": 3, "lengths": ["1x", "2x"]},
+    )
 
 
 def test_eval_at_1x_reproduces_the_engine_final_validation_loss(registry, runs):

@@ -27,29 +27,11 @@ from ropelm.pipeline import cached_stages, run_experiment
 from ropelm.runs import RunDir
 
 
-def tiny_raw(cache_dir: Path, att_type: str) -> dict:
-    return {
-        "name": "extendtiny",
-        "model": {"block_size": 32, "vocab_size": 512, "n_layer": 1, "n_head": 2, "n_embd": 32,
-                  "att_type": att_type},
-        "tokenizer": {"max_documents": 200},
-        "data": {"source": "wiki-sample", "max_documents": 300, "cache_dir": str(cache_dir)},
-        "train": {"max_steps": 4, "batch_size": 4, "eval_every": 2, "log_every": 2},
-        "eval": {"max_batches": 2},
-    }  # fmt: skip
-
-
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory) -> dict[str, Path]:
+def runs(tmp_path_factory, train_tiny_runs) -> dict[str, Path]:
     """Tiny trained runs sharing one data cache."""
-    root = tmp_path_factory.mktemp("extend-runs")
-    out = {}
-    for att_type in ("RoPE-SM", "ALiBi", "Learned-APE"):
-        path = root / f"{att_type}.yaml"
-        path.write_text(yaml.safe_dump(tiny_raw(root / "cache", att_type)))
-        out[att_type] = root / att_type
-        run_experiment(Experiment.load(path), out_dir=out[att_type], progress=False)
-    return out
+    return train_tiny_runs(tmp_path_factory.mktemp("extend-runs"),
+                           ("RoPE-SM", "ALiBi", "Learned-APE"), name="extendtiny")  # fmt: skip
 
 
 def _tree_digest(path: Path) -> dict[str, str]:

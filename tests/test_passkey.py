@@ -232,32 +232,14 @@ def test_batched_greedy_decoding_matches_the_naive_loop(registry, att_type, use_
 # -- `ropelm-exp eval --passkey` on trained runs -----------------------------------------------
 
 
-def tiny_raw(cache_dir: Path, att_type: str) -> dict:
-    return {
-        "name": "passkeytiny",
-        "model": {"block_size": 96, "vocab_size": 512, "n_layer": 1, "n_head": 2, "n_embd": 32,
-                  "att_type": att_type},
-        "tokenizer": {"max_documents": 200},
-        "data": {"source": "wiki-sample", "max_documents": 300, "cache_dir": str(cache_dir)},
-        "train": {"max_steps": 2, "batch_size": 4, "eval_every": 2, "log_every": 2},
-        "eval": {"max_batches": 2, "lengths": ["1x", "2x"]},
-    }  # fmt: skip
-
-
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory) -> dict[str, Path]:
+def runs(tmp_path_factory, train_tiny_runs) -> dict[str, Path]:
     """Two tiny trained runs (2 steps) sharing one data cache: RoPE-SM and Learned-APE."""
-    from ropelm.experiment import Experiment
-    from ropelm.pipeline import run_experiment
-
-    root = tmp_path_factory.mktemp("passkey-runs")
-    out = {}
-    for att_type in ("RoPE-SM", "Learned-APE"):
-        path = root / f"{att_type}.yaml"
-        path.write_text(yaml.safe_dump(tiny_raw(root / "cache", att_type)))
-        out[att_type] = root / att_type
-        run_experiment(Experiment.load(path), out_dir=out[att_type], progress=False)
-    return out
+    return train_tiny_runs(
+        tmp_path_factory.mktemp("passkey-runs"), ("RoPE-SM", "Learned-APE"), name="passkeytiny",
+        model={"block_size": 96}, train={"max_steps": 2},
+        eval={"max_batches": 2, "lengths": ["1x", "2x"]},
+    )  # fmt: skip
 
 
 SMALL = PasskeySettings(depths=(0.0, 0.5, 1.0), trials=4, seed=3)
